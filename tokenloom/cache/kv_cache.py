@@ -1,0 +1,48 @@
+"""The paged KV cache (L1t): one pool of blocks per layer, written only through a slot mapping."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per layer, keys and values of shape [num_blocks, block_size, num_kv_heads, head_dim].
+
+    Token slot `s` lives at block `s // block_size`, offset `s % block_size`. The model writes new
+    keys/values with `write` and reads a gathered view with `gather`; nothing else touches the pool.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        # key/value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
+        self.keys[layer].index_copy_(0, slot_mapping, key)
+        self.values[layer].index_copy_(0, slot_mapping, value)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # slots: [batch, max_context] -> keys, values: [batch, max_context, num_kv_heads, head_dim]
+        return self.keys[layer][slots], self.values[layer][slots]

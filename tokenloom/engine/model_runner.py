@@ -1,0 +1,92 @@
+"""SchedulerOutput -> tensors -> model -> sampler -> token ids (L4). The only place lists of
+tokens become tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.attention.paged import AttentionMetadata
+from tokenloom.cache.kv_cache import KVCache
+from tokenloom.engine.scheduler import SchedulerOutput
+from tokenloom.models.base import CausalLM
+from tokenloom.sampling.sampler import SamplingBatch, sample
+
+
+@dataclass
+class StepResult:
+    sampled_token_ids: list[int]  # one per sampling sequence, in scheduled order
+    logits: torch.Tensor | None = None  # [rows, vocab] raw logits of the sampled rows (when asked)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    def register_seed(self, request_id: str, seed: int) -> None:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        self._generators[request_id] = generator
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def forward_hidden(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run the model over the step's tokens; returns hidden states [num_tokens, hidden]."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        for item in out.scheduled:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            query_lens.append(item.num_new_tokens)
+            context_lens.append(end)
+            block_tables.append(seq.block_ids)
+        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self.model(ids, pos, self.kv_cache, meta)
+
+    @torch.inference_mode()
+    def step(self, out: SchedulerOutput, return_logits: bool = False) -> StepResult:
+        hidden = self.forward_hidden(out)
+        rows: list[int] = []
+        offset = 0
+        sampling = []
+        for item in out.scheduled:
+            offset += item.num_new_tokens
+            if item.samples:
+                rows.append(offset - 1)
+                sampling.append(item.seq)
+        if not rows:
+            return StepResult([])
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        batch = SamplingBatch.build(
+            [s.params for s in sampling],
+            [s.num_output_tokens for s in sampling],
+            [None if s.params.is_greedy else self._generators.get(s.request_id) for s in sampling],
+            self.device,
+        )
+        token_ids = sample(logits, batch).tolist()
+        return StepResult(token_ids, logits if return_logits else None)
+
+    @torch.inference_mode()
+    def all_logits(self, out: SchedulerOutput) -> list[torch.Tensor]:
+        """Logits for every computed token, split per scheduled sequence ([len_i, vocab] each)."""
+        hidden = self.forward_hidden(out)
+        logits = self.model.compute_logits(hidden)
+        return list(logits.split([s.num_new_tokens for s in out.scheduled]))

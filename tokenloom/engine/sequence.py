@@ -1,0 +1,82 @@
+"""A request's state as the scheduler sees it (L1: pure Python)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokenloom.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"  # a stop token id (EOS) was generated
+    LENGTH = "length"  # max_tokens or the model's context length was reached
+    ABORT = "abort"  # the caller aborted the request
+
+
+@dataclass
+class Sequence:
+    """One request: its tokens (prompt, then generated) and how many of them the KV cache holds.
+
+    There are no prefill/decode modes: a step computes `num_tokens - num_computed_tokens` tokens
+    (or a chunk of them) and samples one new token once all are computed.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_index: int
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    max_total_tokens: int | None = None  # prompt + generated may not exceed this (context length)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_token_ids must not be empty")
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> FinishReason | None:
+        """Why this sequence must stop after its newest token, or None."""
+        params = self.params
+        num_output = self.num_output_tokens
+        last = self.token_ids[-1]
+        if not params.ignore_eos and num_output > params.min_tokens - 1 and last in params.stop_token_ids:
+            return FinishReason.EOS
+        if num_output >= params.max_tokens:
+            return FinishReason.LENGTH
+        if self.max_total_tokens is not None and self.num_tokens >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,62 @@
+"""What every architecture provides to the runner (L2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from tokenloom.attention.paged import AttentionMetadata
+from tokenloom.cache.kv_cache import KVCache
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+@dataclass
+class ModelConfig:
+    """Fields the engine needs from any architecture; subclasses add their own."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
+
+    @classmethod
+    def from_dict(cls: type[C], raw: dict[str, Any]) -> C:
+        """Build from config.json keys; unknown keys are ignored, derived fields computed here."""
+        raise NotImplementedError
+
+    @classmethod
+    def _pick(cls: type[C], raw: dict[str, Any], **values: Any) -> C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs.update(values)
+        return cls(**kwargs)
+
+
+class CausalLM(nn.Module):
+    """A decoder over a flat ragged batch of tokens and the paged KV cache."""
+
+    config: ModelConfig
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_cache: KVCache,
+        attn_meta: AttentionMetadata,
+    ) -> torch.Tensor:  # hidden states [num_tokens, hidden_size]
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [rows, hidden_size] -> [rows, vocab_size]
+        raise NotImplementedError

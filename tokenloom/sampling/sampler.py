@@ -1,0 +1,104 @@
+"""Turns logits into token ids (L1t). A pure function of logits and per-row parameter tensors;
+the only per-row Python work is drawing from each request's own random generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters for one step, built once by the model runner.
+
+    temperature/top_p: [rows] float; top_k: [rows] long (0 = off); is_greedy: [rows] bool.
+    suppress: (row, token) pairs masked to -inf (stop ids before min_tokens is reached).
+    generators: one per row, None for greedy rows.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    is_greedy: torch.Tensor
+    all_greedy: bool
+    suppress_rows: torch.Tensor | None
+    suppress_tokens: torch.Tensor | None
+    generators: list[torch.Generator | None]
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        num_outputs: list[int],
+        generators: list[torch.Generator | None],
+        device: torch.device,
+    ) -> SamplingBatch:
+        rows, tokens = [], []
+        for row, (p, n) in enumerate(zip(params, num_outputs)):
+            if n < p.min_tokens and not p.ignore_eos:
+                rows.extend([row] * len(p.stop_token_ids))
+                tokens.extend(p.stop_token_ids)
+        greedy = [p.is_greedy for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            suppress_rows=torch.tensor(rows, dtype=torch.long, device=device) if rows else None,
+            suppress_tokens=torch.tensor(tokens, dtype=torch.long, device=device) if rows else None,
+            generators=generators,
+        )
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the tokens whose logit is >= the k-th largest (ties kept, as transformers)."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [rows]
+    max_k = int(k.max())
+    top_values = torch.topk(logits, max_k, dim=-1).values  # [rows, max_k]
+    threshold = top_values.gather(1, (k - 1)[:, None])  # [rows, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering with transformers' convention: drop the tokens whose ascending cumulative
+    probability is <= 1 - top_p, always keeping the most likely token."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)[:, None]
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Raw logits [rows, vocab] -> processed logits (masks, temperature, top-k, top-p), float32."""
+    logits = logits.float()
+    if batch.suppress_rows is not None:
+        logits = logits.index_put((batch.suppress_rows, batch.suppress_tokens), torch.tensor(float("-inf")))
+    if batch.all_greedy:
+        return logits
+    logits = logits / batch.temperature[:, None]
+    if bool((batch.top_k > 0).any()):
+        logits = apply_top_k(logits, batch.top_k)
+    if bool((batch.top_p < 1).any()):
+        logits = apply_top_p(logits, batch.top_p)
+    return logits
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits: [rows, vocab] raw -> token ids [rows]."""
+    processed = process_logits(logits, batch)
+    greedy_ids = processed.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_ids
+    probs = processed.softmax(dim=-1)
+    ids = greedy_ids.clone()
+    for row, generator in enumerate(batch.generators):
+        if generator is not None:
+            ids[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+    return ids
