@@ -35,8 +35,21 @@ def hf_smollm2(smollm2_gguf: Path):
 @pytest.fixture(scope="session")
 def hf_smollm2_dir(hf_smollm2, tmp_path_factory) -> Path:
     """An HF-format directory written by transformers' save_pretrained from the dequantized SmolLM2."""
+    import transformers
+
     model, tokenizer = hf_smollm2
     path = tmp_path_factory.mktemp("smollm2_hf")
-    model.save_pretrained(path)
+    write_hf_copy(transformers, model, path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_hf_copy(transformers, model, path: Path) -> None:
+    """save_pretrained refuses GGUF-loaded models: copy the dequantized weights into a plain one."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain_config = transformers.AutoConfig.for_model(**config)
+    plain = transformers.AutoModelForCausalLM.from_config(plain_config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(path)

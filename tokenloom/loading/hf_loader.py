@@ -1,0 +1,132 @@
+"""Read a Hugging Face checkpoint directory: config.json, generation_config.json, safetensors weights.
+
+Weights come from `model.safetensors` or from the shards named by `model.safetensors.index.json`;
+tensors are read lazily, one at a time, under the names they are stored with (HF names).
+PyTorch `.bin` checkpoints are not read (they need pickle); the error says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenloom.errors import MissingShardError, ModelLoadError, ModelNotFoundError
+from tokenloom.loading.checkpoint import Checkpoint, ModelSource
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"could not read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
+    """[(safetensors file, tensor names to read from it or None for all)], in reading order."""
+    single = directory / SAFETENSORS_NAME
+    index_path = directory / SAFETENSORS_INDEX_NAME
+    if index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index_path} has no 'weight_map' object naming the shard of each tensor")
+        names_by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            names_by_shard.setdefault(str(shard), []).append(str(name))
+        plan = []
+        for shard, names in names_by_shard.items():
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise MissingShardError(
+                    f"shard {shard} named in {index_path} is missing",
+                    hint="download the checkpoint again; every file the index names must be present",
+                )
+            plan.append((shard_path, names))
+        return plan
+    if single.is_file():
+        return [(single, None)]
+    bins = sorted(p.name for p in directory.glob("*.bin"))
+    if bins:
+        raise ModelLoadError(
+            f"{directory} holds only PyTorch .bin weights ({', '.join(bins[:3])}); "
+            f"tokenloom reads safetensors only ({SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME})",
+            hint="convert the checkpoint, e.g. load it with transformers and save_pretrained(..., "
+            "safe_serialization=True)",
+        )
+    raise ModelNotFoundError(
+        f"{directory} has no weights: expected {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}",
+    )
+
+
+def _count_tensors(plan: list[tuple[Path, list[str] | None]]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path, names in plan:
+        if names is not None:
+            total += len(names)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                total += len(list(f.keys()))
+    return total
+
+
+def _iter_plan(plan: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path, names in plan:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise ModelLoadError(f"could not read safetensors file {path}: {exc}") from exc
+        with handle as f:
+            stored = set(f.keys())
+            for name in names if names is not None else list(f.keys()):
+                if name not in stored:
+                    raise ModelLoadError(
+                        f"tensor {name!r} is not in {path.name}, although {SAFETENSORS_INDEX_NAME} says so"
+                    )
+                yield name, f.get_tensor(name)
+
+
+def load_hf_checkpoint(directory: Path) -> Checkpoint:
+    """Open an HF checkpoint directory; weights are read only when `iter_tensors()` is iterated."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"model directory {directory} does not exist")
+    if not config_path.is_file():
+        raise ModelNotFoundError(
+            f"{directory} has no {CONFIG_NAME}",
+            hint="an HF checkpoint directory needs config.json next to its safetensors weights",
+        )
+    config = _read_json(config_path)
+    generation_config_path = directory / GENERATION_CONFIG_NAME
+    generation_config = _read_json(generation_config_path) if generation_config_path.is_file() else {}
+    plan = _shard_plan(directory)
+    try:
+        num_tensors = _count_tensors(plan)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the safetensors header in {directory}: {exc}") from exc
+    return Checkpoint(
+        source=ModelSource(kind="hf", path=directory),
+        config=config,
+        generation_config=generation_config,
+        iter_tensors=lambda: _iter_plan(plan),
+        num_tensors=num_tensors,
+    )
