@@ -1,0 +1,215 @@
+"""A GGUF file's header: metadata, tensor table and a memory map of the tensor data.
+
+`gguf.GGUFReader` builds numpy views for every element of every metadata array, which takes 1.6 s
+for SmolLM2's 98k vocabulary strings and 7.5 s for Gemma 3's 262k; this reader walks the same
+layout with `struct` (0.05 s / 0.2 s) and turns every way a file can be malformed into a
+`GGUFFormatError` that names the file. The tests check it against `GGUFReader` on real files.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tokenloom.errors import GGUFFormatError, ModelNotFoundError
+
+GGUF_MAGIC = b"GGUF"
+_SUPPORTED_VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp stopped writing it in 2023
+_DEFAULT_ALIGNMENT = 32
+
+# metadata value type id -> struct format of one fixed-size value (8 = string, 9 = array)
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY_DTYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of the tensor table."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order: ggml's dimensions reversed, so rows come first
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGMLQuantizationType(self.ggml_type).name
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file. `data` maps the whole file copy-on-write, so torch views of it are writable
+    without ever touching the file."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensorInfo]
+    data: np.ndarray  # uint8 memory map of the whole file
+
+    def raw(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The tensor's bytes as stored (uint8, a view of the map)."""
+        return self.data[info.offset : info.offset + info.nbytes]
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the file's buffer."""
+
+    def __init__(self, buffer: np.ndarray, path: Path) -> None:
+        self.buffer = buffer
+        self.size = buffer.shape[0]
+        self.view = memoryview(buffer)
+        self.path = path
+        self.pos = 0
+
+    def need(self, count: int, what: str) -> None:
+        if self.pos + count > self.size:
+            raise GGUFFormatError(
+                f"{self.path}: truncated GGUF file: reading {what} needs bytes up to {self.pos + count}, "
+                f"but the file has only {self.size} bytes"
+            )
+
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
+        width = struct.calcsize("<" + fmt)
+        self.need(width, what)
+        values = struct.unpack_from("<" + fmt, self.view, self.pos)
+        self.pos += width
+        return values
+
+    def string(self, what: str) -> str:
+        (length,) = self.unpack("Q", what)
+        self.need(length, what)
+        start, self.pos = self.pos, self.pos + length
+        try:
+            return str(self.view[start : self.pos], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFFormatError(f"{self.path}: {what} at byte {start} is not valid UTF-8 ({exc})") from exc
+
+    def value(self, value_type: int, key: str) -> Any:
+        if value_type in _SCALAR_FORMATS:
+            return self.unpack(_SCALAR_FORMATS[value_type], f"metadata value {key!r}")[0]
+        if value_type == _STRING:
+            return self.string(f"metadata value {key!r}")
+        if value_type == _ARRAY:
+            element_type, count = self.unpack("IQ", f"metadata array header {key!r}")
+            if element_type in _NUMPY_DTYPES:
+                dtype = np.dtype(_NUMPY_DTYPES[element_type])
+                self.need(count * dtype.itemsize, f"metadata array {key!r}")
+                array = np.frombuffer(self.view, dtype=dtype, count=count, offset=self.pos)
+                self.pos += count * dtype.itemsize
+                return array.tolist()
+            if element_type == _STRING:
+                return [self.string(f"element {i} of metadata array {key!r}") for i in range(count)]
+            if element_type == _ARRAY:
+                return [self.value(self.unpack("I", key)[0], key) for _ in range(count)]
+            raise GGUFFormatError(
+                f"{self.path}: metadata array {key!r} has unknown element type {element_type}"
+            )
+        raise GGUFFormatError(f"{self.path}: metadata key {key!r} has unknown value type {value_type}")
+
+
+def _tensor_nbytes(path: Path, name: str, shape: tuple[int, ...], ggml_type: int) -> int:
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError) as exc:
+        raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from exc
+    row_length = shape[-1] if shape else 1
+    if row_length % block_size:
+        raise GGUFFormatError(
+            f"{path}: tensor {name!r} ({qtype.name}) has rows of {row_length} values, "
+            f"not a multiple of the {block_size}-value block"
+        )
+    return prod(shape) // block_size * type_size
+
+
+def open_memmap(path: Path) -> np.ndarray:
+    """Memory-map a file as uint8 after checking it exists and starts with the GGUF magic."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise GGUFFormatError(f"{path}: not a GGUF file (not a regular file)")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        if len(magic) < 4 and GGUF_MAGIC.startswith(magic):
+            raise GGUFFormatError(f"{path}: truncated GGUF file ({len(magic)} bytes)")
+        raise GGUFFormatError(f"{path}: not a GGUF file (bad magic {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="c")
+    except (OSError, ValueError) as exc:
+        raise GGUFFormatError(f"{path}: cannot map the file ({exc})") from exc
+
+
+def read_gguf(path: Path) -> GGUFFile:
+    """Parse a GGUF file's header and map its data. Raises `GGUFFormatError` / `ModelNotFoundError`."""
+    path = Path(path)
+    data = open_memmap(path)
+    try:
+        return _parse(path, data)
+    except GGUFFormatError:
+        raise
+    except (struct.error, ValueError, OverflowError, MemoryError) as exc:
+        raise GGUFFormatError(f"{path}: corrupt GGUF header ({exc})") from exc
+
+
+def _parse(path: Path, data: np.ndarray) -> GGUFFile:
+    cursor = _Cursor(data, path)
+    cursor.pos = 4
+    (version,) = cursor.unpack("I", "version")
+    if version not in _SUPPORTED_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        detail = " (a big-endian file)" if swapped in _SUPPORTED_VERSIONS else ""
+        raise GGUFFormatError(f"{path}: unsupported GGUF version {version}{detail}; supported: 2, 3")
+    tensor_count, kv_count = cursor.unpack("QQ", "header counts")
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = cursor.string("metadata key")
+        (value_type,) = cursor.unpack("I", f"type of metadata key {key!r}")
+        metadata[key] = cursor.value(value_type, key)
+
+    entries = []
+    for _ in range(tensor_count):
+        name = cursor.string("tensor name")
+        (num_dims,) = cursor.unpack("I", f"dimension count of tensor {name!r}")
+        dims = cursor.unpack(f"{num_dims}Q", f"dimensions of tensor {name!r}")
+        ggml_type, offset = cursor.unpack("IQ", f"type and offset of tensor {name!r}")
+        entries.append((name, tuple(reversed(dims)), ggml_type, offset))
+
+    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: general.alignment {alignment} is not a power of two")
+    data_start = -(-cursor.pos // alignment) * alignment
+
+    tensors = []
+    for name, shape, ggml_type, offset in entries:
+        nbytes = _tensor_nbytes(path, name, shape, ggml_type)
+        info = GGUFTensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
+        if info.offset + nbytes > cursor.size:
+            raise GGUFFormatError(
+                f"{path}: truncated GGUF file: tensor {name!r} ends at byte {info.offset + nbytes}, "
+                f"but the file has only {cursor.size} bytes"
+            )
+        tensors.append(info)
+    return GGUFFile(path, version, metadata, tensors, data)
