@@ -1,0 +1,306 @@
+"""The engine's tokenizer: a `tokenizers.Tokenizer` plus special tokens and the chat template."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+from tokenloom.chat_template import ChatTemplate, ChatTemplateError, compile_chat_template
+from tokenloom.loading.checkpoint import ModelSource, TokenizerData
+
+_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_CONTENT_REFERENCE = re.compile(r"""message\s*\[\s*['"]content['"]\s*\]|message\.content""")
+# transformers' clean_up_tokenization, used only where the tokenizer asks for it and is not BPE
+_CLEANUPS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with its special tokens and chat template.
+
+    Encoding follows the tokenizer.json post-processor (it decides which special tokens
+    `add_special_tokens=True` adds), exactly as transformers' fast tokenizers do.
+    """
+
+    def __init__(self, data: TokenizerData) -> None:
+        from tokenizers import AddedToken
+
+        self.data = data
+        self.backend = data.tokenizer
+        # Encoding here is always one sequence at a time: padding/truncation are done by callers.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self._tokens: dict[str, str | None] = {
+            "bos_token": data.bos_token,
+            "eos_token": data.eos_token,
+            "unk_token": data.unk_token,
+            "pad_token": data.pad_token,
+        }
+        for name in ("sep_token", "cls_token", "mask_token"):
+            self._tokens[name] = data.extra.get(name)
+        self.extra_special_tokens: list[str] = list(data.extra.get("extra_special_tokens") or [])
+        # Like transformers, make sure every named special token that is in the vocabulary is a *special*
+        # added token (so that decode(skip_special_tokens=True) drops it). Tokens that are not in the
+        # vocabulary are not added: that would grow the vocabulary past the model's embedding.
+        added = self.backend.get_added_tokens_decoder()
+        to_register = []
+        for token in [*self._tokens.values(), *self.extra_special_tokens]:
+            token_id = self.backend.token_to_id(token) if token is not None else None
+            if token_id is not None and not (token_id in added and added[token_id].special):
+                to_register.append(AddedToken(token, special=True, normalized=False))
+        if to_register:
+            self.backend.add_special_tokens(to_register)
+        self._cleanup = bool(data.extra.get("clean_up_tokenization_spaces")) and type(self.backend.model).__name__ != "BPE"
+
+    @classmethod
+    def from_source(cls, source: ModelSource) -> Tokenizer:
+        """The tokenizer stored with a resolved model (GGUF metadata or an HF directory)."""
+        if source.kind == "gguf":
+            from tokenloom.loading.gguf_tokenizer import load_gguf_tokenizer
+
+            return cls(load_gguf_tokenizer(source.path))
+        from tokenloom.loading.hf_tokenizer import load_hf_tokenizer
+
+        return cls(load_hf_tokenizer(Path(source.path)))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, gguf_file: str | None = None, *, revision: str | None = None
+    ) -> Tokenizer:
+        """Resolve a path, `tokenloom pull` name or hub id (see `resolve_model`) and load its tokenizer."""
+        from tokenloom.loading.resolve import resolve_model
+
+        return cls.from_source(resolve_model(str(name_or_path), gguf_file, revision=revision))
+
+    # ---- encode / decode -------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens are added as the tokenizer's post-processor says."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """`encode` for several texts at once (in parallel inside `tokenizers`)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; `skip_special_tokens` drops every added token marked special."""
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._cleanup:
+            for before, after in _CLEANUPS:
+                text = text.replace(before, after)
+        return text
+
+    def decode_batch(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
+        """`decode` for several sequences."""
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    @overload
+    def convert_ids_to_tokens(self, ids: int, skip_special_tokens: bool = False) -> str | None: ...
+    @overload
+    def convert_ids_to_tokens(self, ids: Sequence[int], skip_special_tokens: bool = False) -> list[str | None]: ...
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int], skip_special_tokens: bool = False
+    ) -> str | None | list[str | None]:
+        """Vocabulary strings of ids (None for an id outside the vocabulary).
+
+        skip_special_tokens drops `all_special_ids` (the named special tokens), as transformers does.
+        """
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self.backend.id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    @overload
+    def convert_tokens_to_ids(self, tokens: str) -> int | None: ...
+    @overload
+    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int | None]: ...
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """Ids of vocabulary strings; unknown strings map to the unk token id (None without one)."""
+        if isinstance(tokens, str):
+            return self._token_to_id_or_unk(tokens)
+        return [self._token_to_id_or_unk(t) for t in tokens]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of `token`, or None when it is not in the vocabulary."""
+        return self.backend.token_to_id(token)
+
+    def _token_to_id_or_unk(self, token: str) -> int | None:
+        token_id = self.backend.token_to_id(token)
+        return token_id if token_id is not None else self.unk_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary, without added tokens (transformers' `vocab_size`)."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included."""
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    # ---- special tokens --------------------------------------------------------------------------
+
+    def _id_of(self, name: str) -> int | None:
+        token = self._tokens.get(name)
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        """Beginning-of-sequence token string."""
+        return self._tokens["bos_token"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """Beginning-of-sequence token id."""
+        return self._id_of("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        """End-of-sequence token string, as the tokenizer config gives it."""
+        return self._tokens["eos_token"]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """End-of-sequence token id."""
+        return self._id_of("eos_token")
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The end-of-sequence id as a set (empty without one); callers add generation_config's ids."""
+        return {self.eos_token_id} if self.eos_token_id is not None else set()
+
+    @property
+    def unk_token(self) -> str | None:
+        """Unknown token string."""
+        return self._tokens["unk_token"]
+
+    @property
+    def unk_token_id(self) -> int | None:
+        """Unknown token id."""
+        return self._id_of("unk_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        """Padding token string (settable; must be in the vocabulary)."""
+        return self._tokens["pad_token"]
+
+    @pad_token.setter
+    def pad_token(self, token: str | None) -> None:
+        if token is not None and self.backend.token_to_id(token) is None:
+            raise ValueError(
+                f"pad_token={token!r} is not in the vocabulary; use an existing token, e.g. the eos token "
+                f"{self.eos_token!r}"
+            )
+        self._tokens["pad_token"] = token
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Padding token id."""
+        return self._id_of("pad_token")
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Named special tokens that are set, e.g. {"bos_token": "<s>", "eos_token": "</s>"}."""
+        return {name: self._tokens[name] for name in _NAMED_SPECIAL if self._tokens.get(name) is not None}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """Named special tokens then extra special tokens, without repeats (transformers' order)."""
+        seen: dict[str, None] = {}
+        for token in [*self.special_tokens_map.values(), *self.extra_special_tokens]:
+            seen.setdefault(token, None)
+        return list(seen)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of `all_special_tokens` (those in the vocabulary)."""
+        ids = (self.backend.token_to_id(t) for t in self.all_special_tokens)
+        return [i for i in ids if i is not None]
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of every added token marked special: what `skip_special_tokens=True` removes."""
+        return sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    @property
+    def model_max_length(self) -> int | None:
+        """The model's maximum sequence length from the tokenizer config, None when unknown."""
+        return self.data.model_max_length
+
+    # ---- chat template ---------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template source, None when the model has none."""
+        return self.data.chat_template
+
+    @property
+    def chat_templates(self) -> dict[str, str]:
+        """All named templates, when the model ships several ({} otherwise)."""
+        return dict(self.data.extra.get("chat_templates") or {})
+
+    def get_chat_template(self, chat_template: str | None = None, tools: Sequence[Any] | None = None) -> ChatTemplate:
+        """The compiled template: `chat_template` may be a template name, a template source, or None."""
+        named = self.chat_templates
+        if chat_template is not None:
+            source = named.get(chat_template, chat_template)
+        elif tools is not None and "tool_use" in named:
+            source = named["tool_use"]
+        elif self.chat_template is not None:
+            source = self.chat_template
+        else:
+            raise ChatTemplateError(
+                "this tokenizer has no chat template; pass chat_template=... with a Jinja template",
+                hint="base (non-instruct) models usually ship without one",
+            )
+        return compile_chat_template(source)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        *,
+        continue_final_message: bool | str = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render one conversation with the chat template (special tokens are passed to it)."""
+        template = self.get_chat_template(chat_template, tools)
+        return template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            special_tokens=self.special_tokens_map,
+            **template_kwargs,
+        )
+
+    def end_of_turn_token_ids(self) -> set[int]:
+        """The special token the chat template writes right after a message's content (e.g. `<|im_end|>`).
+
+        A heuristic for stop tokens when generation_config names none: the first added special token
+        in the template text after the first `message['content']` (empty set when there is none).
+        """
+        if self.chat_template is None:
+            return set()
+        match = _CONTENT_REFERENCE.search(self.chat_template)
+        if match is None:
+            return set()
+        tail = self.chat_template[match.end() :]
+        found = [
+            (tail.find(t.content), i)
+            for i, t in self.backend.get_added_tokens_decoder().items()
+            if t.special and t.content and t.content in tail
+        ]
+        return {min(found)[1]} if found else set()
