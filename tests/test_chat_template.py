@@ -81,7 +81,10 @@ def test_render_and_tokens_match_transformers(ours, ref, index):
         expected_ids = ref.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, return_dict=False
         )
-        assert ours.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt) == expected_ids
+        assert (
+            ours.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, return_dict=False)
+            == expected_ids
+        )
 
 
 def test_batched_and_tensor_returns_match(ours, ref):
@@ -100,7 +103,9 @@ def test_batched_and_tensor_returns_match(ours, ref):
             assert torch.equal(got.attention_mask, expected["attention_mask"])
         finally:
             ours.padding_side = ref.padding_side = "right"
-    single = ours.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, return_tensors="pt")
+    single = ours.apply_chat_template(
+        CONVERSATIONS[1], add_generation_prompt=True, return_tensors="pt", return_dict=False
+    )
     assert single.shape[0] == 1
     assert torch.equal(single, ref.apply_chat_template(
         CONVERSATIONS[1], add_generation_prompt=True, return_tensors="pt", return_dict=False
