@@ -47,13 +47,14 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        total = seq.num_prompt_tokens + 1
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if total > capacity:
+        if seq.num_prompt_tokens + 1 > capacity:
             raise ValueError(
                 f"request {seq.request_id!r}: prompt of {seq.num_prompt_tokens} tokens cannot fit the KV "
                 f"cache of {capacity} tokens; raise num_kv_blocks or shorten the prompt"
             )
+        # A sequence may never outgrow the whole pool: it finishes with "length" there.
+        seq.max_total_tokens = min(seq.max_total_tokens or capacity, capacity)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:

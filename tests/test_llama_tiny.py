@@ -1,0 +1,145 @@
+"""A tiny random Llama with grouped-query attention, written by transformers' save_pretrained:
+parity with transformers, and engine paths (chunked prefill, preemption, batching) that must not
+change the tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tokenloom import AutoModelForCausalLM, EngineConfig, SamplingParams
+from tokenloom.errors import ModelNotFoundError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[1, 5, 9, 33, 7], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [40, 41, 42]]
+
+
+def _tiny_config(**overrides):
+    values = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    values.update(overrides)
+    return transformers.LlamaConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_tiny_config()).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return path, model
+
+
+def _reference_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine_greedy(model, prompts, n):
+    engine = model.engine
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p in prompts]
+    done = {o.request_id: o.token_ids for o in engine.run() if o.finished}
+    return [done[i] for i in ids]
+
+
+def test_logits_match_transformers(tiny_dir):
+    path, ref = tiny_dir
+    ours = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    for ids, logits in zip(PROMPTS, ours.engine.prompt_logits(PROMPTS)):
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+        assert (expected - logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_tokens_match_transformers(tiny_dir):
+    path, ref = tiny_dir
+    ours = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    expected = [_reference_greedy(ref, p, 32) for p in PROMPTS]
+    assert _engine_greedy(ours, PROMPTS, 32) == expected
+
+
+@pytest.mark.parametrize(
+    "engine_config",
+    [
+        EngineConfig(block_size=4, max_num_batched_tokens=5),  # prompts prefilled in chunks
+        EngineConfig(block_size=2, num_kv_blocks=24),  # too few blocks: sequences are preempted
+        EngineConfig(block_size=16, max_num_seqs=1),  # one sequence at a time
+    ],
+    ids=["chunked-prefill", "preemption", "one-at-a-time"],
+)
+def test_engine_policies_do_not_change_tokens(tiny_dir, engine_config):
+    path, ref = tiny_dir
+    expected = [_reference_greedy(ref, p, 20) for p in PROMPTS]
+    ours = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32", engine_config=engine_config)
+    assert _engine_greedy(ours, PROMPTS, 20) == expected
+    assert ours.engine.block_manager.num_free_blocks == ours.engine.block_manager.num_blocks
+
+
+def test_preemption_really_happens_with_a_small_pool(tiny_dir):
+    path, _ = tiny_dir
+    ours = AutoModelForCausalLM.from_pretrained(str(path), engine_config=EngineConfig(block_size=2, num_kv_blocks=24))
+    engine = ours.engine
+    for p in PROMPTS:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    preempted = 0
+    while engine.has_unfinished():
+        out = engine.scheduler.schedule()
+        preempted += len(out.preempted)
+        result = engine.runner.step(out)
+        for seq in engine.scheduler.update(out, result.sampled_token_ids):
+            if seq.is_finished:
+                engine._release(seq)
+    assert preempted > 0
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    torch.manual_seed(1)
+    config = _tiny_config(
+        max_position_embeddings=512,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    )
+    ref = transformers.LlamaForCausalLM(config).eval()
+    ref.save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    prompt = list(range(3, 90))
+    with torch.no_grad():
+        expected = ref(torch.tensor([prompt])).logits[0]
+    assert (ours.engine.prompt_logits([prompt])[0] - expected).abs().max().item() <= 1e-4
+
+
+def test_unknown_model_type_is_a_clear_error(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    copy = tmp_path / "weird"
+    shutil.copytree(path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "weirdformer"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="'weirdformer' is not supported.*llama"):
+        AutoModelForCausalLM.from_pretrained(str(copy))
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_abort_releases_the_request(tiny_dir):
+    path, _ = tiny_dir
+    ours = AutoModelForCausalLM.from_pretrained(str(path))
+    engine = ours.engine
+    rid = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort(rid)
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
