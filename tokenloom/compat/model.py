@@ -1,0 +1,259 @@
+"""transformers-compatible model face (L6): AutoModelForCausalLM.from_pretrained(...).generate(...).
+
+generate() strips the padding with the attention mask, submits one engine request per row (so the
+padding side cannot change the result), steps the engine to completion and re-pads the output the
+way transformers does: [batch, input_width + longest_generation], finished rows filled with pad."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from tokenloom.compat.generation_config import GenerationConfig
+from tokenloom.config import EngineConfig
+from tokenloom.engine.engine import Engine
+from tokenloom.loading import LoadedModel, load_model
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [batch, seq_len, vocab]; padded positions hold zeros
+
+
+class ModelConfig(SimpleNamespace):
+    """config.json as attributes (config.hidden_size, config.model_type, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return vars(self).get(key, default)
+
+
+class TokenloomForCausalLM:
+    """What AutoModelForCausalLM.from_pretrained returns: a model bound to its own engine."""
+
+    def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None) -> None:
+        self._loaded = loaded
+        self.model = loaded.model
+        self.config = ModelConfig(**loaded.checkpoint.config)
+        self.generation_config = self._default_generation_config(loaded)
+        self.name_or_path = str(loaded.checkpoint.source.path)
+        self.engine = Engine(loaded.model, engine_config)
+
+    @staticmethod
+    def _default_generation_config(loaded: LoadedModel) -> GenerationConfig:
+        ckpt = loaded.checkpoint
+        if ckpt.generation_config:
+            return GenerationConfig.from_dict(ckpt.generation_config)
+        return GenerationConfig.from_model_config(ckpt.config)
+
+    # ---- torch-module-like surface ----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._loaded.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._loaded.dtype
+
+    def eval(self) -> TokenloomForCausalLM:
+        return self
+
+    def to(self, device: str | torch.device) -> TokenloomForCausalLM:
+        """Move to another device (rebuilds the KV cache there)."""
+        from tokenloom.device import resolve_device
+
+        target = resolve_device(device)
+        if target != self.device:
+            self.model.to(target)
+            self._loaded.device = target
+            self.engine = Engine(self.model, self.engine.config)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
+        return self.forward(input_ids, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits for every position of every row (padding stripped, then zero-filled back)."""
+        rows, positions = _strip_padding(input_ids, attention_mask)
+        per_row = self.engine.prompt_logits(rows)
+        vocab = self.model.config.vocab_size
+        logits = torch.zeros((*input_ids.shape, vocab), dtype=per_row[0].dtype, device=per_row[0].device)
+        for i, (row_logits, pos) in enumerate(zip(per_row, positions)):
+            logits[i, pos.to(logits.device)] = row_logits
+        return CausalLMOutput(logits=logits)
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """transformers' generate(): returns prompt + new tokens, [batch, width + new]."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if isinstance(input_ids, Mapping):  # a BatchEncoding passed positionally
+            encoding = input_ids
+            input_ids = encoding["input_ids"]
+            if attention_mask is None:
+                attention_mask = encoding.get("attention_mask")
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None, :]
+        config = (generation_config or self.generation_config).copy()
+        unused = config.update(**kwargs)
+        if unused:
+            raise ValueError(
+                f"generate() got argument(s) it does not use: {', '.join(sorted(unused))}"
+            )
+        if config.pad_token_id is None and config.eos_token_ids:
+            config.pad_token_id = config.eos_token_ids[0]
+        if attention_mask is None:
+            attention_mask = _infer_attention_mask(input_ids, config)
+        width = input_ids.shape[1]
+        params = config.to_sampling_params(width)
+        rows, _ = _strip_padding(input_ids, attention_mask)
+        if streamer is not None:
+            if len(rows) != 1:
+                raise ValueError("a transformers-style streamer takes one sequence; pass a batch of 1")
+            streamer.put(input_ids.cpu())
+        request_ids = [self.engine.add_request(row, params, detokenize=False) for row in rows]
+        generated: dict[str, list[int]] = {rid: [] for rid in request_ids}
+        try:
+            for out in self.engine.run():
+                generated[out.request_id].extend(out.new_token_ids)
+                if streamer is not None:
+                    streamer.put(torch.tensor(out.new_token_ids))
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return _repad(input_ids, attention_mask, [generated[r] for r in request_ids], config.pad_token_id)
+
+
+def _infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """As transformers: pad tokens are masked when a pad id is set, present and not an EOS id."""
+    pad = config.pad_token_id
+    if pad is not None and pad not in config.eos_token_ids and bool((input_ids == pad).any()):
+        return (input_ids != pad).long()
+    return torch.ones_like(input_ids)
+
+
+def _strip_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Per row: the unmasked token ids and their column positions."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    ids = input_ids.detach().cpu()
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
+        )
+    rows, positions = [], []
+    for i in range(ids.shape[0]):
+        pos = mask[i].nonzero().flatten()
+        if pos.numel() == 0:
+            raise ValueError(f"row {i} of the batch has no tokens (its attention_mask is all zeros)")
+        rows.append(ids[i, pos].tolist())
+        positions.append(pos)
+    return rows, positions
+
+
+def _repad(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, generated: list[list[int]], pad_token_id: int | None
+) -> torch.Tensor:
+    """Left-padded (and unpadded) rows keep their layout with new tokens appended at the input width;
+    a right-padded row becomes prompt + new tokens followed by padding."""
+    batch, width = input_ids.shape
+    longest = max(len(g) for g in generated)
+    pad = pad_token_id if pad_token_id is not None else 0
+    out = torch.full((batch, width + longest), pad, dtype=input_ids.dtype)
+    ids = input_ids.detach().cpu()
+    mask = attention_mask.detach().cpu().bool()
+    for i, new in enumerate(generated):
+        pos = mask[i].nonzero().flatten()
+        leading = int(pos[0])  # left padding stays; any padding after the prompt moves to the end
+        real = ids[i, pos]
+        out[i, :leading] = ids[i, :leading]
+        out[i, leading : leading + len(real)] = real
+        start = leading + len(real)
+        out[i, start : start + len(new)] = torch.tensor(new, dtype=input_ids.dtype)
+    return out.to(input_ids.device)
+
+
+class AutoModelForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained(name_or_path, ...)` as in transformers."""
+
+    def __init__(self) -> None:
+        raise TypeError("use AutoModelForCausalLM.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *,
+        gguf_file: str | None = None,
+        device_map: Any = "auto",
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        quantization_config: Any = None,
+        revision: str | None = None,
+        engine_config: EngineConfig | None = None,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> TokenloomForCausalLM:
+        """Load from a directory, a .gguf path, dir + gguf_file, a hub id or a pull name.
+
+        device_map="auto" picks CUDA when available, else the CPU; dtype None/"auto" means float32
+        on the CPU and the checkpoint's half dtype on CUDA. load_in_8bit / load_in_4bit quantize
+        the linear layers' weights (weight-only)."""
+        ignored = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors",
+                   "local_files_only", "cache_dir", "token"}
+        unknown = sorted(set(kwargs) - ignored)
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(unknown)}")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+        if torch_dtype is not None:
+            warnings.warn("torch_dtype is deprecated in transformers; use dtype", FutureWarning, stacklevel=2)
+        if quantization_config is not None:
+            load_in_4bit = load_in_4bit or bool(_get(quantization_config, "load_in_4bit"))
+            load_in_8bit = load_in_8bit or bool(_get(quantization_config, "load_in_8bit"))
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive; choose one")
+        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+        loaded = load_model(
+            pretrained_model_name_or_path,
+            gguf_file,
+            device_map=device_map,
+            dtype=dtype if dtype is not None else torch_dtype,
+            quantize_bits=bits,
+            revision=revision,
+            progress=progress,
+        )
+        return TokenloomForCausalLM(loaded, engine_config)
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
