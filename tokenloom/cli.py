@@ -69,6 +69,15 @@ def _load(args: argparse.Namespace):
     return llm
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Reject bad sampling flags (SamplingParams' own messages) before the slow model load."""
+    from tokenloom.sampling_params import SamplingParams
+
+    given = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "seed": args.seed}
+    SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
 def _params(llm: Any, args: argparse.Namespace):
     return llm.sampling_params(
         max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -86,6 +95,7 @@ def _stream(llm: Any, prompt: Any, params: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_sampling_args(args)
     llm = _load(args)
     params = _params(llm, args)
     if args.chat:
@@ -100,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_sampling_args(args)
     llm = _load(args)
     params = _params(llm, args)
     history: list[dict[str, str]] = []

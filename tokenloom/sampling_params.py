@@ -27,7 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check_number("temperature", self.temperature, ">= 0", lambda v: v >= 0)
+        _check_number("temperature", self.temperature, "a finite number >= 0", lambda v: v >= 0)
         _check_int("top_k", self.top_k, ">= 0 (0 disables it)", lambda v: v >= 0)
         _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         _check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
@@ -48,7 +48,7 @@ class SamplingParams:
 
 
 def _check_number(name: str, value: object, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 

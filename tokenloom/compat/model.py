@@ -114,7 +114,10 @@ class TokenloomForCausalLM:
             raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
         if input_ids.dim() == 1:
             input_ids = input_ids[None, :]
-        config = (generation_config or self.generation_config).copy()
+        # As transformers: the model's generation_config, then what a passed one sets, then kwargs.
+        config = self.generation_config.copy()
+        if generation_config is not None:
+            config.update(**_explicit_settings(generation_config))
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(
@@ -146,6 +149,16 @@ class TokenloomForCausalLM:
             if streamer is not None:
                 streamer.end()
         return _repad(input_ids, attention_mask, [generated[r] for r in request_ids], config.pad_token_id)
+
+
+def _explicit_settings(generation_config: Any) -> dict[str, Any]:
+    """What a generation_config passed to generate() sets; a transformers GenerationConfig (whose
+    unset values are None) is accepted too, and a setting tokenloom does not know is an error."""
+    if isinstance(generation_config, GenerationConfig):
+        return generation_config.explicitly_set()
+    if callable(getattr(generation_config, "to_diff_dict", None)):
+        return GenerationConfig(**generation_config.to_diff_dict()).explicitly_set()
+    raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
 
 
 def _infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:

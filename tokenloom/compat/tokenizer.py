@@ -183,9 +183,11 @@ class TokenloomTokenizer:
         return_attention_mask: bool = True,
         pad_to_multiple_of: int | None = None,
         return_length: bool = False,
+        padding_side: Literal["left", "right"] | None = None,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenize one text or a batch; pad/truncate/convert to tensors like transformers."""
+        """Tokenize one text or a batch; pad/truncate/convert to tensors like transformers.
+        `padding_side` overrides the tokenizer's side for this call only."""
         unknown = set(kwargs) - _IGNORED_CALL_KWARGS
         if unknown:
             raise TypeError(f"TokenloomTokenizer.__call__ got unsupported keyword arguments {sorted(unknown)}")
@@ -195,7 +197,7 @@ class TokenloomTokenizer:
         texts = list(text) if is_batched else [text]
         ids = self.engine_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens) if texts else []
         return self._finish(ids, is_batched, padding, truncation, max_length, return_tensors,
-                            return_attention_mask, pad_to_multiple_of, return_length)
+                            return_attention_mask, pad_to_multiple_of, return_length, padding_side)
 
     def _finish(
         self,
@@ -208,7 +210,10 @@ class TokenloomTokenizer:
         return_attention_mask: bool,
         pad_to_multiple_of: int | None = None,
         return_length: bool = False,
+        padding_side: str | None = None,
     ) -> BatchEncoding:
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if truncation not in (False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.model_max_length
             if self.truncation_side == "right":
@@ -224,7 +229,7 @@ class TokenloomTokenizer:
                     "Asking to pad but the tokenizer does not have a padding token. Please select a token to use "
                     "as `pad_token` `(tokenizer.pad_token = tokenizer.eos_token e.g.)`."
                 )
-            left = self.padding_side == "left"
+            left = (padding_side or self.padding_side) == "left"
             padded_ids, padded_masks = [], []
             for seq, mask in zip(ids, masks, strict=True):
                 fill = target - len(seq)

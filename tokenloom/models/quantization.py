@@ -30,32 +30,41 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit weights in groups of `group_size` input columns, two values per byte."""
+    """Asymmetric 4-bit weights in groups of `group_size` input columns, two values per byte.
+
+    When in_features is not a multiple of the group size the last group is padded (by repeating the
+    last column, so its range is not widened) and the padding is dropped again on dequantization.
+    """
 
     def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float()  # [out, in]
         out_features, in_features = weight.shape
-        while in_features % group_size:
-            group_size //= 2
-        groups = weight.view(out_features, in_features // group_size, group_size)
+        group_size = min(group_size, in_features)
+        num_groups = -(-in_features // group_size)
+        padded = num_groups * group_size
+        if padded != in_features:
+            weight = torch.cat([weight, weight[:, -1:].expand(-1, padded - in_features)], dim=1)
+        groups = weight.view(out_features, num_groups, group_size)
         low = groups.amin(dim=-1, keepdim=True)
         high = groups.amax(dim=-1, keepdim=True)
         scale = ((high - low) / 15.0).clamp(min=1e-12)
         q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.uint8).view(out_features, -1)
         if q.shape[1] % 2:
             q = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)
-        self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.register_buffer("low", low.to(linear.weight.dtype))
+        self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))  # [out, ceil(padded / 2)]
+        self.register_buffer("scale", scale.to(linear.weight.dtype))  # [out, num_groups, 1]
+        self.register_buffer("low", low.to(linear.weight.dtype))  # [out, num_groups, 1]
         self.bias = linear.bias
         self.group_size = group_size
         self.in_features, self.out_features = in_features, out_features
 
     def dequantized_weight(self) -> torch.Tensor:
         q = torch.stack((self.packed & 0xF, self.packed >> 4), dim=-1).view(self.out_features, -1)
-        q = q[:, : self.in_features].view(self.out_features, -1, self.group_size)
-        return (q.to(self.scale.dtype) * self.scale + self.low).view(self.out_features, self.in_features)
+        num_groups = self.scale.shape[1]
+        q = q[:, : num_groups * self.group_size].view(self.out_features, num_groups, self.group_size)
+        weight = (q.to(self.scale.dtype) * self.scale + self.low).view(self.out_features, -1)
+        return weight[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)

@@ -14,7 +14,8 @@ from tokenloom.sampling_params import SamplingParams
 class SamplingBatch:
     """Per-row parameters for one step, built once by the model runner.
 
-    temperature/top_p: [rows] float; top_k: [rows] long (0 = off); is_greedy: [rows] bool.
+    temperature: [rows] float32; top_p: [rows] float64 (so that 1 - top_p rounds exactly as
+    transformers' Python float does); top_k: [rows] long (0 = off); is_greedy: [rows] bool.
     suppress: (row, token) pairs masked to -inf (stop ids before min_tokens is reached).
     generators: one per row, None for greedy rows.
     """
@@ -45,13 +46,17 @@ class SamplingBatch:
         return cls(
             temperature=torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=_top_p_dtype(device), device=device),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
             suppress_rows=torch.tensor(rows, dtype=torch.long, device=device) if rows else None,
             suppress_tokens=torch.tensor(tokens, dtype=torch.long, device=device) if rows else None,
             generators=generators,
         )
+
+
+def _top_p_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -66,10 +71,13 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus filtering with transformers' convention: drop the tokens whose ascending cumulative
-    probability is <= 1 - top_p, always keeping the most likely token."""
+    probability is <= 1 - top_p, always keeping the most likely token. Rows with top_p >= 1 are left
+    untouched (transformers skips the warper there; the cumulative sum could otherwise drop tokens
+    whose probability underflows to 0). Pass top_p as float64 to round 1 - top_p as transformers does."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)[:, None]
+    cutoff = (1 - top_p).to(cumulative.dtype)[:, None]  # [rows, 1]
+    remove_sorted = (cumulative <= cutoff) & (top_p < 1)[:, None]
     remove_sorted[:, -1] = False
     remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
