@@ -11,6 +11,19 @@ import pytest
 SMOLLM2 = "smollm2-135m-instruct"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a small shared machine (2 cores, other jobs running) two OpenMP threads spend most of
+    their time spinning while waiting for each other: one thread is several times faster. Results
+    do not depend on it (transformers runs under the same setting); the count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from tokenloom.loading.pull import pull

@@ -20,15 +20,7 @@ PROMPT = "A list of colors: red, blue"
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """On this small shared machine (2 cores, other jobs running) two OpenMP threads spend most of
-    their time spinning while waiting for each other: one thread is several times faster. Results
-    do not depend on it (transformers runs under the same setting); the count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_greedy_text(hf_smollm2, ids: list[int], max_new_tokens: int = NEW_TOKENS) -> str:

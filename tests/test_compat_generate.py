@@ -29,15 +29,7 @@ CHATS = ["What is 2+2?", "Name a color.", "Write a long poem about the ocean and
 IM_END = 2  # <|im_end|>: SmolLM2's EOS and pad token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """On this small shared machine (2 cores, other jobs running) two OpenMP threads spend most of
-    their time spinning while waiting for each other: one thread is several times faster. Results
-    do not depend on it (transformers runs under the same setting); the count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
