@@ -1,11 +1,14 @@
 """`AutoTokenizer` with the transformers calling conventions, on tokenloom's engine `Tokenizer`."""
 
+
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from tokenloom.compat.batch_encoding import BatchEncoding
 from tokenloom.tokenizer import Tokenizer
 
 # transformers' model_max_length when a tokenizer has no limit
@@ -19,28 +22,6 @@ IGNORED_FROM_PRETRAINED_KWARGS = frozenset({
 })
 # Keyword arguments of __call__ that are accepted and ignored.
 _IGNORED_CALL_KWARGS = frozenset({"verbose", "return_token_type_ids", "split_special_tokens"})
-
-
-class BatchEncoding(dict):
-    """The tokenizer's output: a dict (input_ids, attention_mask, ...) with attribute access."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"BatchEncoding has no {name!r}; keys are {list(self)}") from None
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The plain dict of values (transformers' UserDict-style access)."""
-        return dict(self)
-
-    def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
-        """Move every tensor value to `device` in place and return self."""
-        for key, value in self.items():
-            if callable(getattr(value, "to", None)):
-                self[key] = value.to(device=device, non_blocking=non_blocking)
-        return self
 
 
 def _as_id_list(ids: Any) -> list[int]:
