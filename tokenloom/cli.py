@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -18,12 +19,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=max_new_tokens)
     p.add_argument("--temperature", "-t", type=float, default=None,
                    help="0 for greedy; default: the model's generation_config (greedy when it says nothing)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +142,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = _stream(llm, llm.chat_prompt(history), params)
+        try:
+            reply = _stream(llm, llm.chat_prompt(history), params)
+        except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
+            history.pop()
+            _error(str(exc), "/reset starts a new conversation")
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
 
@@ -164,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc), exc.hint)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         _error(str(exc), "run `tokenloom " + args.command + " --help` for the accepted options")
+    except (RuntimeError, OSError) as exc:
+        if os.environ.get("TOKENLOOM_DEBUG"):
+            raise
+        _error(f"{type(exc).__name__}: {exc}", "set TOKENLOOM_DEBUG=1 to see the full traceback")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

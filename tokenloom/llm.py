@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,34 +85,27 @@ class LLM:
     ) -> list[Completion]:
         """Generate for every prompt (strings or token-id lists) in one continuous batch."""
         batch = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
-        plist = _per_prompt(params or self.sampling_params(), len(batch))
+        plist = [self._with_stop_ids(p) for p in _per_prompt(params or self.sampling_params(), len(batch))]
         encoded = [self._encode(p) for p in batch]
-        ids = [self.engine.add_request(tokens, p) for (_, tokens), p in zip(encoded, plist)]
-        results: dict[str, RequestOutput] = {}
-        try:
-            for out in self.engine.run():
-                if out.finished:
-                    results[out.request_id] = out
-        except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
+        ids = self.engine.add_requests([(tokens, p) for (_, tokens), p in zip(encoded, plist)])
+        results = {out.request_id: out for out in self.engine.stream(ids) if out.finished}
         return [
             Completion(text, tokens, results[rid].text, results[rid].token_ids, results[rid].finish_reason)
             for rid, (text, tokens) in zip(ids, encoded)
         ]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield an output per generated token; text deltas are UTF-8 safe."""
+        """Yield an output per generated token; text deltas are UTF-8 safe. Streams of several
+        prompts may be interleaved: each receives only its own outputs."""
         _, tokens = self._encode(prompt)
-        rid = self.engine.add_request(tokens, params or self.sampling_params())
-        try:
-            for out in self.engine.run():
-                if out.request_id == rid:
-                    yield out
-        finally:
-            if self.engine.has_unfinished():
-                self.engine.abort(rid)
+        request_id = self.engine.add_request(tokens, self._with_stop_ids(params or self.sampling_params()))
+        yield from self.engine.stream([request_id])
+
+    def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
+        """The model's EOS ids are stop ids for every request unless it sets ignore_eos."""
+        if params.ignore_eos or set(self.stop_token_ids) <= set(params.stop_token_ids):
+            return params
+        return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *self.stop_token_ids])
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render the chat template (with the generation prompt) and tokenize it without adding

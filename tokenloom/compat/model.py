@@ -88,7 +88,7 @@ class TokenloomForCausalLM:
         rows, positions = _strip_padding(input_ids, attention_mask)
         per_row = self.engine.prompt_logits(rows)
         vocab = self.model.config.vocab_size
-        logits = torch.zeros((*input_ids.shape, vocab), dtype=per_row[0].dtype, device=per_row[0].device)
+        logits = torch.zeros((*input_ids.shape, vocab), dtype=self.dtype, device=self.device)
         for i, (row_logits, pos) in enumerate(zip(per_row, positions)):
             logits[i, pos.to(logits.device)] = row_logits
         return CausalLMOutput(logits=logits)
@@ -134,17 +134,15 @@ class TokenloomForCausalLM:
             if len(rows) != 1:
                 raise ValueError("a transformers-style streamer takes one sequence; pass a batch of 1")
             streamer.put(input_ids.cpu())
-        request_ids = [self.engine.add_request(row, params, detokenize=False) for row in rows]
+        if not rows:
+            return input_ids.clone()
+        request_ids = self.engine.add_requests([(row, params) for row in rows], detokenize=False)
         generated: dict[str, list[int]] = {rid: [] for rid in request_ids}
         try:
-            for out in self.engine.run():
+            for out in self.engine.stream(request_ids):
                 generated[out.request_id].extend(out.new_token_ids)
                 if streamer is not None:
                     streamer.put(torch.tensor(out.new_token_ids))
-        except BaseException:
-            for rid in request_ids:
-                self.engine.abort(rid)
-            raise
         finally:
             if streamer is not None:
                 streamer.end()

@@ -14,7 +14,7 @@ from tokenloom.cache.kv_cache import KVCache
 from tokenloom.config import EngineConfig
 from tokenloom.device import memory_bytes_available
 from tokenloom.engine.model_runner import ModelRunner
-from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
+from tokenloom.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
 from tokenloom.outputs import RequestOutput
@@ -58,7 +58,7 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache, self.device)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._texts: dict[str, str] = {}
+        self._mailbox: dict[str, list[RequestOutput]] = {}  # outputs awaiting their own stream()
         self._counter = itertools.count()
 
     def _blocks_for_budget(self, block_size: int) -> int:
@@ -88,19 +88,17 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{index}"
         if request_id in self._sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt = [int(t) for t in prompt_token_ids]
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        prompt = self._checked_ids("prompt token ids", prompt_token_ids)
+        self._checked_ids("stop_token_ids", params.stop_token_ids)
+        if not prompt:
+            raise ValueError("the prompt must contain at least one token")
         if len(prompt) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt)} tokens; the model's context length is {self.max_model_len}, "
                 "which leaves no room to generate"
             )
         seq = Sequence(request_id, prompt, params, index, max_total_tokens=self.max_model_len)
-        self.scheduler.add(seq)
-        self._sequences[request_id] = seq
+        # Everything that can fail comes before the request is queued.
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self.runner.register_seed(request_id, seed)
@@ -110,10 +108,25 @@ class Engine:
             self._detokenizers[request_id] = IncrementalDetokenizer(
                 self.tokenizer, prompt, skip_special_tokens=True
             )
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self._release(seq)
+            raise
+        self._sequences[request_id] = seq
         return request_id
+
+    def _checked_ids(self, what: str, ids: list[int]) -> list[int]:
+        vocab = self.model.config.vocab_size
+        values = [int(t) for t in ids]
+        bad = [t for t in values if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} must be in [0, {vocab}) for this model, got {bad[:5]}")
+        return values
 
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
+        self._mailbox.pop(request_id, None)
         if seq is not None:
             self._release(seq)
 
@@ -146,6 +159,47 @@ class Engine:
         while self.has_unfinished():
             yield from self.step()
 
+    def add_requests(
+        self, requests: list[tuple[list[int], SamplingParams]], detokenize: bool = True
+    ) -> list[str]:
+        """Queue several requests, all or none: if one is rejected, those already queued are aborted."""
+        added: list[str] = []
+        try:
+            for prompt, params in requests:
+                added.append(self.add_request(prompt, params, detokenize=detokenize))
+        except BaseException:
+            for request_id in added:
+                self.abort(request_id)
+            raise
+        return added
+
+    def stream(self, request_ids: list[str]) -> Iterator[RequestOutput]:
+        """Step until the given requests finish, yielding their outputs. Outputs of other requests
+        produced meanwhile are kept for their own `stream` call. Closing the iterator early (or an
+        error while stepping) aborts the given requests that have not finished."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                ready = [r for r in request_ids if r in pending and r in self._mailbox]
+                for request_id in ready:
+                    for out in self._mailbox.pop(request_id):
+                        if out.finished:
+                            pending.discard(request_id)
+                        yield out
+                if not pending:
+                    break
+                if not self.has_unfinished():
+                    if not ready:
+                        break  # the requests were aborted elsewhere
+                    continue
+                # Every output of the step is filed before any is yielded, so another consumer
+                # resuming in between finds its own.
+                for out in self.step():
+                    self._mailbox.setdefault(out.request_id, []).append(out)
+        finally:
+            for request_id in pending:
+                self.abort(request_id)
+
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
         detok = self._detokenizers.get(seq.request_id)
         delta = ""
@@ -153,14 +207,13 @@ class Engine:
             delta = "".join(detok.push(t) for t in new_ids)
             if seq.is_finished:
                 delta += detok.flush()
-            self._texts[seq.request_id] = self._texts.get(seq.request_id, "") + delta
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             new_token_ids=new_ids,
             token_ids=seq.output_token_ids,
             text_delta=delta,
-            text=self._texts.get(seq.request_id, ""),
+            text=detok.text if detok is not None else "",
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
         )
@@ -168,7 +221,6 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self._sequences.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)
-        self._texts.pop(seq.request_id, None)
         self.runner.release(seq.request_id)
 
     # ---- scoring --------------------------------------------------------------------------
@@ -177,9 +229,8 @@ class Engine:
         Blocks are borrowed from the pool and returned; must not run while requests are queued."""
         if self.has_unfinished():
             raise RuntimeError("prompt_logits needs an idle engine")
-        from tokenloom.engine.scheduler import ScheduledSequence
-
         results: list[torch.Tensor] = []
+        prompts = [self._checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
         pending = [Sequence(f"score-{i}", p, SamplingParams(), -1) for i, p in enumerate(prompts)]
         while pending:
             batch, budget = [], self.config.max_num_batched_tokens
@@ -187,7 +238,11 @@ class Engine:
                 seq = pending[0]
                 if not self.block_manager.can_allocate(seq, seq.num_tokens):
                     if not batch:
-                        raise ValueError(f"a prompt of {seq.num_tokens} tokens does not fit the KV cache")
+                        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+                        raise ValueError(
+                            f"a prompt of {seq.num_tokens} tokens does not fit the KV cache of {capacity} "
+                            "tokens; raise EngineConfig.num_kv_blocks or kv_cache_memory_bytes"
+                        )
                     break
                 pending.pop(0)
                 self.block_manager.allocate(seq, seq.num_tokens)

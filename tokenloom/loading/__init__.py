@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from tokenloom.device import resolve_device, resolve_dtype
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource, TokenizerData
-from tokenloom.models.base import CausalLM
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not when a tokenizer is loaded
+    import torch
+
+    from tokenloom.models.base import CausalLM
 
 
 def load_checkpoint(source: ModelSource) -> Checkpoint:
@@ -54,6 +56,7 @@ def load_model(
     progress: bool = False,
 ) -> LoadedModel:
     """Resolve a path / pull name / hub id and build the model on the chosen device and dtype."""
+    from tokenloom.device import resolve_device, resolve_dtype
     from tokenloom.loading.build import build_model
     from tokenloom.loading.resolve import resolve_model
 

@@ -280,21 +280,27 @@ def _iter_tensors(
     SmolLM2 take 10-20 s instead of well under one.
     """
     pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
-    with ThreadPoolExecutor(
-        max(1, workers), thread_name_prefix="gguf-dequant", initializer=torch.set_num_threads, initargs=(1,)
-    ) as pool:
-        try:
-            for plan in plans:
-                pending.append((plan.name, pool.submit(_materialize, gguf, plan)))
-                if len(pending) > 2 * workers:
+    # A worker's set_num_threads also becomes the default of threads started later in the process:
+    # the caller's count is put back once the pool is done.
+    num_threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(
+            max(1, workers), thread_name_prefix="gguf-dequant", initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            try:
+                for plan in plans:
+                    pending.append((plan.name, pool.submit(_materialize, gguf, plan)))
+                    if len(pending) > 2 * workers:
+                        name, future = pending.popleft()
+                        yield name, future.result()
+                while pending:
                     name, future = pending.popleft()
                     yield name, future.result()
-            while pending:
-                name, future = pending.popleft()
-                yield name, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+    finally:
+        torch.set_num_threads(num_threads)
 
 
 def load_gguf_checkpoint(path: Path, *, num_workers: int | None = None) -> Checkpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,8 @@ from tokenloom.attention.paged import AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
 from tokenloom.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +30,16 @@ class LlamaConfig(ModelConfig):
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
         heads = raw["num_attention_heads"]
+        max_positions = raw.get("max_position_embeddings", 2048)
+        window = raw.get("sliding_window")
+        if window and raw.get("use_sliding_window", True) and window < max_positions:
+            # Full attention equals sliding-window attention up to the window's length; longer
+            # sequences would need the window, so the context is capped there.
+            logger.warning(
+                "sliding_window=%d is not implemented for %s yet: the context length is capped at %d tokens",
+                window, raw.get("model_type"), window,
+            )
+            max_positions = window
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
@@ -34,7 +47,7 @@ class LlamaConfig(ModelConfig):
             raw,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
