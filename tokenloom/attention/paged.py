@@ -1,5 +1,6 @@
-"""Attention over the paged KV cache with torch's SDPA (L1t). Works for any mix of prefill chunks
-and decode tokens in one flat batch: queries are laid out per sequence, keys gathered by slot."""
+"""Attention over the paged KV cache with torch's SDPA (L1t). Any mix of prefill chunks and decode
+tokens shares one flat batch: decode tokens (one query each) are attended in one batched call, and
+each prefill chunk in a call of its own, so no query is padded to another sequence's length."""
 
 from __future__ import annotations
 
@@ -12,23 +13,32 @@ from tokenloom.cache.kv_cache import KVCache
 
 
 @dataclass
+class AttentionGroup:
+    """Sequences attended in one SDPA call.
+
+    query_index: [batch, num_queries] flat token index of each query.
+    token_index: [batch * num_queries] where each output row goes in the flat batch.
+    context_slots: [batch, max_context] cache slots of each sequence's keys (padding points at
+        slot 0 and is masked).
+    mask: [batch, 1, num_queries, max_context], True where a query may attend a key; None when the
+        group is one chunk computed from position 0, which is plain causal attention.
+    """
+
+    query_index: torch.Tensor
+    token_index: torch.Tensor
+    context_slots: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
 class AttentionMetadata:
     """Built once per step by the model runner and shared by every layer.
 
     slot_mapping: [num_tokens] cache slot each new token's key/value is written to.
-    query_index: [batch, max_query] flat token index of each sequence's queries (padding repeats
-        the sequence's last query; its output is dropped).
-    output_index: [num_tokens] position of each flat token in the padded [batch * max_query] layout.
-    context_slots: [batch, max_context] cache slots of each sequence's keys (padding points at slot 0
-        and is masked).
-    mask: [batch, 1, max_query, max_context] True where a query may attend a key.
     """
 
     slot_mapping: torch.Tensor
-    query_index: torch.Tensor
-    output_index: torch.Tensor
-    context_slots: torch.Tensor
-    mask: torch.Tensor
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
@@ -40,41 +50,51 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at position context_lens[i] - 1."""
-        batch = len(query_lens)
-        max_query = max(query_lens)
-        max_context = max(context_lens)
         max_blocks = max(len(t) for t in block_tables)
-        q_lens = torch.tensor(query_lens, dtype=torch.long)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
-        starts = torch.cumsum(q_lens, 0) - q_lens  # [batch]
-
-        tables = torch.zeros((batch, max_blocks), dtype=torch.long)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
         offsets = torch.arange(block_size, dtype=torch.long)
-        all_slots = (tables[:, :, None] * block_size + offsets).reshape(batch, -1)  # [batch, max_blocks*bs]
-        key_pos = torch.arange(max_context, dtype=torch.long)
-        key_valid = key_pos[None, :] < ctx_lens[:, None]  # [batch, max_context]
-        context_slots = torch.where(key_valid, all_slots[:, :max_context], 0)
+        all_slots = (tables[:, :, None] * block_size + offsets).reshape(len(block_tables), -1)
 
-        q_off = torch.arange(max_query, dtype=torch.long)
-        q_off_clamped = torch.minimum(q_off[None, :], (q_lens - 1)[:, None])  # [batch, max_query]
-        query_index = starts[:, None] + q_off_clamped
-        query_pos = (ctx_lens - q_lens)[:, None] + q_off_clamped  # absolute position of each query
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
+        starts, slot_rows = [], []
+        start = 0
+        for i, (q, ctx) in enumerate(zip(query_lens, context_lens)):
+            starts.append(start)
+            slot_rows.append(all_slots[i, ctx - q : ctx])
+            start += q
+        slot_mapping = torch.cat(slot_rows)
 
-        seq_of_token = torch.repeat_interleave(torch.arange(batch), q_lens)  # [num_tokens]
-        offset_in_seq = torch.arange(len(seq_of_token)) - starts[seq_of_token]
-        token_pos = (ctx_lens - q_lens)[seq_of_token] + offset_in_seq
-        slot_mapping = all_slots[seq_of_token, token_pos]
-        output_index = seq_of_token * max_query + offset_in_seq
-        return cls(
-            slot_mapping=slot_mapping.to(device),
-            query_index=query_index.to(device),
-            output_index=output_index.to(device),
-            context_slots=context_slots.to(device),
-            mask=mask[:, None].to(device),
-        )
+        groups = []
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        if decode:
+            ctx = torch.tensor([context_lens[i] for i in decode], dtype=torch.long)
+            max_context = int(ctx.max())
+            key_valid = torch.arange(max_context)[None, :] < ctx[:, None]  # [batch, max_context]
+            token_index = torch.tensor([starts[i] for i in decode], dtype=torch.long)
+            groups.append(
+                AttentionGroup(
+                    query_index=token_index[:, None].to(device),
+                    token_index=token_index.to(device),
+                    context_slots=torch.where(key_valid, all_slots[decode, :max_context], 0).to(device),
+                    mask=key_valid[:, None, None, :].to(device),
+                )
+            )
+        for i, (q, ctx) in enumerate(zip(query_lens, context_lens)):
+            if q == 1:
+                continue
+            token_index = torch.arange(starts[i], starts[i] + q, dtype=torch.long)
+            mask = None
+            if ctx != q:  # a chunk after cached tokens: causal with an offset
+                query_pos = torch.arange(ctx - q, ctx)
+                mask = (torch.arange(ctx)[None, :] <= query_pos[:, None])[None, None].to(device)
+            groups.append(
+                AttentionGroup(
+                    query_index=token_index[None, :].to(device),
+                    token_index=token_index.to(device),
+                    context_slots=all_slots[i : i + 1, :ctx].to(device),
+                    mask=mask,
+                )
+            )
+        return cls(slot_mapping=slot_mapping.to(device), groups=groups)
 
 
 def paged_attention(
@@ -90,12 +110,30 @@ def paged_attention(
     Writes key/value to the cache, attends over each sequence's context; returns
     [num_tokens, num_heads, head_dim]."""
     kv_cache.write(layer, meta.slot_mapping, key, value)
-    keys, values = kv_cache.gather(layer, meta.context_slots)  # [batch, ctx, kv_heads, dim]
-    q = query[meta.query_index].transpose(1, 2)  # [batch, heads, max_query, dim]
-    k = keys.transpose(1, 2)
-    v = values.transpose(1, 2)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    gqa = key.shape[1] != num_heads
+    if len(meta.groups) == 1:
+        return _attend(query, kv_cache, layer, meta.groups[0], scale, gqa).reshape(-1, num_heads, head_dim)
+    out = torch.empty_like(query)
+    for group in meta.groups:
+        out[group.token_index] = _attend(query, kv_cache, layer, group, scale, gqa).reshape(
+            -1, num_heads, head_dim
+        )
+    return out
+
+
+def _attend(
+    query: torch.Tensor, kv_cache: KVCache, layer: int, group: AttentionGroup, scale: float, gqa: bool
+) -> torch.Tensor:
+    keys, values = kv_cache.gather(layer, group.context_slots)  # [batch, ctx, kv_heads, dim]
+    q = query[group.query_index].transpose(1, 2)  # [batch, heads, num_queries, dim]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=meta.mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-    )  # [batch, heads, max_query, dim]
-    out = out.transpose(1, 2).reshape(-1, query.shape[1], query.shape[2])
-    return out[meta.output_index]
+        q,
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=group.mask,
+        is_causal=group.mask is None and q.shape[2] > 1,
+        scale=scale,
+        enable_gqa=gqa,
+    )
+    return out.transpose(1, 2)  # [batch, num_queries, heads, dim]
