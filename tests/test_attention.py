@@ -52,7 +52,7 @@ def test_mixed_step_matches_per_sequence_attention_without_padding_queries():
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, plan)])
     out = paged_attention(query, new_k, new_v, cache, 0, meta, scale=1 / math.sqrt(DIM))
     start = 0
-    for (cached, new), k, v in zip(plan, full_k, full_v):
+    for (_cached, new), k, v in zip(plan, full_k, full_v):
         expected = _reference(query[start : start + new], k, v)
         torch.testing.assert_close(out[start : start + new], expected, atol=1e-5, rtol=1e-5)
         start += new
