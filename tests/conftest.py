@@ -66,3 +66,20 @@ def write_hf_copy(transformers, model, path: Path) -> None:
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     plain.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def ref(hf_smollm2):
+    """A private copy of transformers' tokenizer per test module, so setting padding_side there
+    changes no one else's."""
+    import copy
+
+    return copy.deepcopy(hf_smollm2[1])
+
+
+@pytest.fixture(scope="module")
+def ours(hf_smollm2_dir: Path):
+    """tokenloom's AutoTokenizer on the HF directory written by transformers."""
+    from tokenloom import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_smollm2_dir))

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 import torch
 
 from tokenloom.chat_template import ChatTemplate, ChatTemplateError, compile_chat_template
-from tokenloom.compat.tokenizer import AutoTokenizer, TokenloomTokenizer
 
 
 def _chat(*turns: tuple[str, str]) -> list[dict[str, str]]:
@@ -61,14 +57,6 @@ count={{ ns.n }} extra={{ dict(a=1, b='é') | tojson }} pad={{ pad_token }} year
 {%- if messages[0].role == 'bad' %}{{ raise_exception('first role is bad') }}{% endif %}"""
 
 
-@pytest.fixture(scope="module")
-def ref(hf_smollm2):
-    return copy.deepcopy(hf_smollm2[1])
-
-
-@pytest.fixture(scope="module")
-def ours(hf_smollm2_dir: Path) -> TokenloomTokenizer:
-    return AutoTokenizer.from_pretrained(str(hf_smollm2_dir))
 
 
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from tokenloom.compat.tokenizer import AutoTokenizer, BatchEncoding, TokenloomTokenizer
+from tokenloom.compat.tokenizer import AutoTokenizer, BatchEncoding
 from tokenloom.errors import ModelNotFoundError
 from tokenloom.loading.checkpoint import ModelSource
 from tokenloom.loading.hf_tokenizer import load_hf_tokenizer
@@ -40,15 +38,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ref(hf_smollm2):
-    """A private copy of the transformers tokenizer, so setting padding_side here changes no one else's."""
-    return copy.deepcopy(hf_smollm2[1])
-
-
-@pytest.fixture(scope="module")
-def ours(hf_smollm2_dir: Path) -> TokenloomTokenizer:
-    return AutoTokenizer.from_pretrained(str(hf_smollm2_dir))
 
 
 @pytest.mark.parametrize("text", TEXTS)
