@@ -17,7 +17,6 @@ from tokenloom.sampling.sampler import SamplingBatch, sample
 @dataclass
 class StepResult:
     sampled_token_ids: list[int]  # one per sampling sequence, in scheduled order
-    logits: torch.Tensor | None = None  # [rows, vocab] raw logits of the sampled rows (when asked)
 
 
 class ModelRunner:
@@ -62,7 +61,7 @@ class ModelRunner:
         return self.model(ids, pos, self.kv_cache, meta)
 
     @torch.inference_mode()
-    def step(self, out: SchedulerOutput, return_logits: bool = False) -> StepResult:
+    def step(self, out: SchedulerOutput) -> StepResult:
         hidden = self.forward_hidden(out)
         rows: list[int] = []
         offset = 0
@@ -82,7 +81,7 @@ class ModelRunner:
             self.device,
         )
         token_ids = sample(logits, batch).tolist()
-        return StepResult(token_ids, logits if return_logits else None)
+        return StepResult(token_ids)
 
     @torch.inference_mode()
     def all_logits(self, out: SchedulerOutput) -> list[torch.Tensor]:

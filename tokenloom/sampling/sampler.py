@@ -25,6 +25,8 @@ class SamplingBatch:
     top_p: torch.Tensor
     is_greedy: torch.Tensor
     all_greedy: bool
+    max_top_k: int  # largest top_k of the batch (0: no row uses top-k); known here, no device sync
+    any_top_p: bool
     suppress_rows: torch.Tensor | None
     suppress_tokens: torch.Tensor | None
     generators: list[torch.Generator | None]
@@ -49,6 +51,8 @@ class SamplingBatch:
             top_p=torch.tensor([p.top_p for p in params], dtype=_top_p_dtype(device), device=device),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
+            max_top_k=max((p.top_k for p in params if not p.is_greedy), default=0),
+            any_top_p=any(p.top_p < 1 for p in params if not p.is_greedy),
             suppress_rows=torch.tensor(rows, dtype=torch.long, device=device) if rows else None,
             suppress_tokens=torch.tensor(tokens, dtype=torch.long, device=device) if rows else None,
             generators=generators,
@@ -59,13 +63,17 @@ def _top_p_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep, per row, the tokens whose logit is >= the k-th largest (ties kept, as transformers)."""
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+    """Keep, per row, the tokens whose logit is >= the k-th largest (ties kept, as transformers);
+    rows with top_k 0 keep everything. `max_k`, the largest top_k, saves a device sync."""
     vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [rows]
-    max_k = int(k.max())
+    k = top_k.clamp(max=vocab)  # [rows]
+    max_k = min(int(k.max()) if max_k is None else max_k, vocab)
+    if max_k == 0:
+        return logits
     top_values = torch.topk(logits, max_k, dim=-1).values  # [rows, max_k]
-    threshold = top_values.gather(1, (k - 1)[:, None])  # [rows, 1]
+    threshold = top_values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [rows, 1]
+    threshold = threshold.masked_fill((k == 0)[:, None], float("-inf"))
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
@@ -87,13 +95,14 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Raw logits [rows, vocab] -> processed logits (masks, temperature, top-k, top-p), float32."""
     logits = logits.float()
     if batch.suppress_rows is not None:
-        logits = logits.index_put((batch.suppress_rows, batch.suppress_tokens), torch.tensor(float("-inf")))
+        # out of place: the caller's logits stay as they were
+        logits = logits.index_put((batch.suppress_rows, batch.suppress_tokens), logits.new_tensor(float("-inf")))
     if batch.all_greedy:
         return logits
     logits = logits / batch.temperature[:, None]
-    if bool((batch.top_k > 0).any()):
-        logits = apply_top_k(logits, batch.top_k)
-    if bool((batch.top_p < 1).any()):
+    if batch.max_top_k > 0:
+        logits = apply_top_k(logits, batch.top_k, batch.max_top_k)
+    if batch.any_top_p:
         logits = apply_top_p(logits, batch.top_p)
     return logits
 
