@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from tokenloom.config import DEFAULT_MODEL
+
 _QUICK = {"concurrency": 4, "new_tokens": 16, "prompt_tokens": 64, "repeats": 1}
 _FULL = {"concurrency": 32, "new_tokens": 128, "prompt_tokens": 500, "repeats": 2}
 _TEXT = (

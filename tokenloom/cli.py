@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from tokenloom.config import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The model `tokenloom generate`, `chat` and `bench` use when none is named (a `tokenloom pull` name).
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
 
 @dataclass
 class EngineConfig:

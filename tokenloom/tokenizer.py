@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any, overload
 
 from tokenloom.chat_template import ChatTemplate, ChatTemplateError, compile_chat_template
-from tokenloom.loading.checkpoint import ModelSource, TokenizerData
+from tokenloom.loading.checkpoint import NAMED_SPECIAL_TOKENS, ModelSource, TokenizerData
 
-_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _CONTENT_REFERENCE = re.compile(r"""message\s*\[\s*['"]content['"]\s*\]|message\.content""")
 # transformers' clean_up_tokenization, used only where the tokenizer asks for it and is not BPE
 _CLEANUPS = (
@@ -209,7 +208,7 @@ class Tokenizer:
     @property
     def special_tokens_map(self) -> dict[str, str]:
         """Named special tokens that are set, e.g. {"bos_token": "<s>", "eos_token": "</s>"}."""
-        return {name: self._tokens[name] for name in _NAMED_SPECIAL if self._tokens.get(name) is not None}
+        return {name: self._tokens[name] for name in NAMED_SPECIAL_TOKENS if self._tokens.get(name) is not None}
 
     @property
     def all_special_tokens(self) -> list[str]:

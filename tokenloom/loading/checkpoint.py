@@ -35,6 +35,10 @@ class Checkpoint:
     num_tensors: int | None = None
 
 
+# The special-token attributes transformers tokenizers name (tokenizer_config.json keys).
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 @dataclass
 class TokenizerData:
     """A ready `tokenizers.Tokenizer` plus what tokenizer_config.json (or GGUF metadata) says about it.

@@ -7,15 +7,14 @@ PyTorch `.bin` checkpoints are not read (they need pickle); the error says so.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tokenloom.errors import MissingShardError, ModelLoadError, ModelNotFoundError
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource
+from tokenloom.loading.files import read_json_object
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -23,25 +22,12 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"could not read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
     """[(safetensors file, tensor names to read from it or None for all)], in reading order."""
     single = directory / SAFETENSORS_NAME
     index_path = directory / SAFETENSORS_INDEX_NAME
     if index_path.is_file():
-        index = _read_json(index_path)
+        index = read_json_object(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index_path} has no 'weight_map' object naming the shard of each tensor")
@@ -115,9 +101,9 @@ def load_hf_checkpoint(directory: Path) -> Checkpoint:
             f"{directory} has no {CONFIG_NAME}",
             hint="an HF checkpoint directory needs config.json next to its safetensors weights",
         )
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     generation_config_path = directory / GENERATION_CONFIG_NAME
-    generation_config = _read_json(generation_config_path) if generation_config_path.is_file() else {}
+    generation_config = read_json_object(generation_config_path, missing_ok=True)
     plan = _shard_plan(directory)
     try:
         num_tensors = _count_tensors(plan)

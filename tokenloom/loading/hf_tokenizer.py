@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenloom.errors import ModelLoadError, ModelNotFoundError
-from tokenloom.loading.checkpoint import TokenizerData
+from tokenloom.loading.checkpoint import NAMED_SPECIAL_TOKENS, TokenizerData
+from tokenloom.loading.files import read_json_object
 
 # transformers writes int(1e30) as model_max_length when a tokenizer has no limit.
 _NO_LIMIT_THRESHOLD = int(1e29)
-_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def load_hf_tokenizer(directory: Path) -> TokenizerData:
@@ -35,8 +34,8 @@ def load_hf_tokenizer(directory: Path) -> TokenizerData:
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
         raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from exc
 
-    config = _read_json(directory / "tokenizer_config.json")
-    tokens = {name: _token_content(config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
+    config = read_json_object(directory / "tokenizer_config.json", missing_ok=True)
+    tokens = {name: _token_content(config.get(name)) for name in NAMED_SPECIAL_TOKENS}
     extra_special: list[str | None] = []
     for key in ("extra_special_tokens", "additional_special_tokens"):
         if not extra_special and isinstance(config.get(key), list):
@@ -44,9 +43,9 @@ def load_hf_tokenizer(directory: Path) -> TokenizerData:
 
     # Like transformers: special_tokens_map.json is a legacy file, read only when the config does not
     # carry added_tokens_decoder, and then it wins over the config's values.
-    special_map = _read_json(directory / "special_tokens_map.json")
+    special_map = read_json_object(directory / "special_tokens_map.json", missing_ok=True)
     if special_map and "added_tokens_decoder" not in config:
-        for name in _NAMED_SPECIAL_TOKENS:
+        for name in NAMED_SPECIAL_TOKENS:
             if special_map.get(name) is not None:
                 tokens[name] = _token_content(special_map[name])
         for key in ("extra_special_tokens", "additional_special_tokens"):
@@ -88,19 +87,6 @@ def load_hf_tokenizer(directory: Path) -> TokenizerData:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} should hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _token_content(value: Any) -> str | None:
     """A special token is saved either as a plain string or as a serialized AddedToken dict."""
     if value is None or isinstance(value, str):
@@ -121,7 +107,7 @@ def _read_chat_templates(directory: Path, config: dict[str, Any]) -> tuple[str |
         for path in sorted(extra_dir.glob("*.jinja")):
             templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
     if not templates:
-        legacy = _read_json(directory / "chat_template.json").get("chat_template")
+        legacy = read_json_object(directory / "chat_template.json", missing_ok=True).get("chat_template")
         source = legacy if legacy is not None else config.get("chat_template")
         if isinstance(source, str):
             templates["default"] = source

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tokenloom.errors import GGUFFormatError, ModelLoadError, ModelNotFoundError
 from tokenloom.loading.checkpoint import ModelSource
+from tokenloom.loading.gguf_reader import GGUF_MAGIC
 from tokenloom.loading.pull import PULL_MODELS, cached_model_path, list_pullable, pull
 
-GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
 
 
