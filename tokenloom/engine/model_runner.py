@@ -3,7 +3,7 @@ tokens become tensors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,12 +11,19 @@ from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.models.base import CausalLM
+from tokenloom.outputs import TokenLogprob
 from tokenloom.sampling.sampler import SamplingBatch, sample
 
 
 @dataclass
 class StepResult:
-    sampled_token_ids: list[int]  # one per sampling sequence, in scheduled order
+    """One entry per sampling sequence, in scheduled order. logprobs/scores/logits hold None for
+    rows whose parameters did not ask for them."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)  # processed, [vocab]
+    logits: list[torch.Tensor | None] = field(default_factory=list)  # raw, [vocab]
 
 
 class ModelRunner:

@@ -29,6 +29,26 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
+    # Sliding-window attention, transformers' convention: layer i attends the last `sliding_window`
+    # positions (itself included) when layer_types[i] == "sliding_attention"; layer_types None with
+    # a sliding_window set means every layer slides.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+
+    def window_for_layer(self, layer_index: int) -> int | None:
+        """How many positions layer `layer_index` attends (None: the whole context)."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is None or self.layer_types[layer_index] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def kv_window(self) -> int | None:
+        """The longest window over all layers, None when some layer attends the whole context: KV
+        positions older than this are needed by no layer, so their blocks can be freed."""
+        windows = [self.window_for_layer(i) for i in range(self.num_hidden_layers)]
+        return None if any(w is None for w in windows) else max(windows)  # type: ignore[type-var]
 
     @classmethod
     def from_dict(cls: type[C], raw: dict[str, Any]) -> C:
