@@ -25,6 +25,28 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # logits processors (transformers semantics and order; presence/frequency as OpenAI)
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    sequence_bias: dict[tuple[int, ...], float] = field(default_factory=dict)  # logit_bias: 1-token keys
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)  # only at the first generated token
+    renormalize_logits: bool = False
+    # stopping
+    stop: list[str] = field(default_factory=list)  # stop strings
+    include_stop_str_in_output: bool = False  # text faces cut the output before the stop string
+    max_time: float | None = None  # seconds from when the request was added
+    # outputs
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and k alternatives
+    output_scores: bool = False  # keep each step's processed scores row
+    output_logits: bool = False  # keep each step's raw logits row
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, "a finite number >= 0", lambda v: v >= 0)
