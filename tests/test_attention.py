@@ -1,5 +1,5 @@
 """Paged attention against a direct per-sequence computation, for a step that mixes decode tokens,
-a first prefill chunk and a later chunk."""
+a first prefill chunk and a later chunk, with and without a sliding window."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ import torch
 
 from tokenloom.attention.paged import AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
+from tokenloom.engine.sequence import FREED_BLOCK
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 8, 4
 
 
-def _reference(q, k, v):
-    """Causal attention of the last q.shape[0] positions over all of k/v (one sequence)."""
+def _reference(q, k, v, window=None):
+    """Causal attention of the last q.shape[0] positions over all of k/v (one sequence); with a
+    window, a query at position p sees keys p - window < k <= p (transformers' convention)."""
     num_q, ctx = q.shape[0], k.shape[0]
     k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
     v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(DIM)
     pos = torch.arange(ctx - num_q, ctx)
-    scores = scores.masked_fill(torch.arange(ctx)[None, None, :] > pos[None, :, None], float("-inf"))
+    key_pos = torch.arange(ctx)[None, None, :]
+    hidden = key_pos > pos[None, :, None]
+    if window is not None:
+        hidden |= key_pos <= pos[None, :, None] - window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
@@ -56,3 +62,67 @@ def test_mixed_step_matches_per_sequence_attention_without_padding_queries():
         expected = _reference(query[start : start + new], k, v)
         torch.testing.assert_close(out[start : start + new], expected, atol=1e-5, rtol=1e-5)
         start += new
+
+
+def _mixed_step(plan, window, free_before=None):
+    """Cache the earlier tokens of each (cached, new) sequence, attend the new ones; returns the
+    output and the per-sequence references. free_before[i]: table entries below this are marked
+    freed (their slots hold garbage) as the scheduler does behind a window."""
+    torch.manual_seed(0)
+    cache = KVCache(1, num_blocks=64, block_size=BLOCK, num_kv_heads=KV_HEADS, head_dim=DIM,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    cache.keys[0].fill_(1e4)  # what a freed or foreign block might hold: must never be attended
+    cache.values[0].fill_(1e4)
+    free = iter(range(64))
+    full_k, full_v, tables = [], [], []
+    for i, (cached, new) in enumerate(plan):
+        total = cached + new
+        table = [next(free) for _ in range(-(-total // BLOCK))]
+        k, v = torch.randn(total, KV_HEADS, DIM), torch.randn(total, KV_HEADS, DIM)
+        if cached:
+            slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached)])
+            cache.write(0, slots, k[:cached], v[:cached])
+        for b in range((free_before or {}).get(i, 0)):
+            table[b] = FREED_BLOCK
+        tables.append(table)
+        full_k.append(k)
+        full_v.append(v)
+    meta = AttentionMetadata.build(
+        [new for _, new in plan], [c + n for c, n in plan], tables, BLOCK, torch.device("cpu")
+    )
+    num_tokens = sum(new for _, new in plan)
+    query = torch.randn(num_tokens, HEADS, DIM)
+    new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, plan)])
+    new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, plan)])
+    out = paged_attention(query, new_k, new_v, cache, 0, meta, scale=1 / math.sqrt(DIM), sliding_window=window)
+    expected, start = [], 0
+    for (_cached, new), k, v in zip(plan, full_k, full_v):
+        expected.append(_reference(query[start : start + new], k, v, window))
+        start += new
+    return out, torch.cat(expected), meta
+
+
+def test_sliding_window_matches_a_windowed_reference():
+    # decodes inside and beyond the window, a first chunk longer than the window, a later chunk
+    # that straddles it, and a first chunk shorter than it
+    plan = [(6, 1), (20, 1), (1, 1), (0, 13), (9, 7), (0, 3)]
+    out, expected, meta = _mixed_step(plan, window=5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    decode = meta.groups_for(5)[0]
+    assert decode.context_slots.shape[1] == 5  # only the window's keys are gathered
+
+
+def test_window_skips_blocks_freed_behind_it():
+    # blocks wholly before p - window + 1 of the oldest query are freed (garbage in the pool)
+    plan = [(30, 1), (17, 6)]
+    window = 6
+    free_before = {0: (30 - window + 1) // BLOCK, 1: (17 - window + 1) // BLOCK}
+    out, expected, _ = _mixed_step(plan, window, free_before)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_groups_are_built_once_per_window_and_shared_with_full_when_nothing_is_cut():
+    meta = AttentionMetadata.build([1, 4], [9, 4], [[0, 1, 2], [3]], BLOCK, torch.device("cpu"))
+    assert meta.groups_for(4) is meta.groups_for(4)
+    assert meta.groups_for(4) is not meta.groups_for(None)
+    assert meta.groups_for(9) is meta.groups_for(None)  # a window as long as every context

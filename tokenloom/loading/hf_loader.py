@@ -90,6 +90,21 @@ def _iter_plan(plan: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[str,
                 yield name, f.get_tensor(name)
 
 
+# model_type -> the prefix of its base-model parameters in a *ForCausalLM / *LMHeadModel checkpoint.
+# Checkpoints saved from the base model (GPT-2's own release among them) store the names without it.
+_BASE_MODEL_PREFIXES = {"gpt2": "transformer."}
+
+
+def _renamed(
+    tensors: Iterator[tuple[str, torch.Tensor]], model_type: object
+) -> Iterator[tuple[str, torch.Tensor]]:
+    prefix = _BASE_MODEL_PREFIXES.get(str(model_type))
+    for name, tensor in tensors:
+        if prefix and not name.startswith(prefix) and not name.startswith("lm_head."):
+            name = prefix + name
+        yield name, tensor
+
+
 def load_hf_checkpoint(directory: Path) -> Checkpoint:
     """Open an HF checkpoint directory; weights are read only when `iter_tensors()` is iterated."""
     directory = Path(directory)
@@ -113,6 +128,6 @@ def load_hf_checkpoint(directory: Path) -> Checkpoint:
         source=ModelSource(kind="hf", path=directory),
         config=config,
         generation_config=generation_config,
-        iter_tensors=lambda: _iter_plan(plan),
+        iter_tensors=lambda: _renamed(_iter_plan(plan), config.get("model_type")),
         num_tensors=num_tensors,
     )

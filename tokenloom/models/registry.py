@@ -6,10 +6,20 @@ from typing import Any
 
 from tokenloom.errors import UnsupportedModelError
 from tokenloom.models.base import CausalLM
+from tokenloom.models.gemma3 import Gemma3ForCausalLM
+from tokenloom.models.gpt2 import GPT2LMHeadModel
 from tokenloom.models.llama import LlamaForCausalLM
+from tokenloom.models.phi3 import Phi3ForCausalLM
+from tokenloom.models.qwen2 import Qwen2ForCausalLM
+from tokenloom.models.qwen3 import Qwen3ForCausalLM
 
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+    "gemma3_text": Gemma3ForCausalLM,
 }
 _ALIASES: dict[str, str] = {
     "mistral": "llama",
