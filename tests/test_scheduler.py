@@ -9,7 +9,7 @@ import pytest
 
 from tokenloom.cache.block_manager import BlockManager
 from tokenloom.engine.scheduler import Scheduler
-from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tokenloom.engine.sequence import FREED_BLOCK, FinishReason, Sequence, SequenceStatus
 from tokenloom.sampling_params import SamplingParams
 
 
@@ -136,6 +136,93 @@ def test_prompt_larger_than_the_cache_is_rejected():
     sched = Scheduler(BlockManager(num_blocks=2, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
     with pytest.raises(ValueError, match="cannot fit the KV cache"):
         sched.add(make_seq("a", 8))
+
+
+def test_free_blocks_before_releases_whole_blocks_and_keeps_table_positions():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq("a", 14)
+    bm.allocate(seq, 14)  # positions 0..13 in 4 blocks
+    table = list(seq.block_ids)
+    assert bm.free_blocks_before(seq, 7) == 1  # block 0 (0..3) is wholly before 7, block 1 (4..7) is not
+    assert seq.block_ids == [FREED_BLOCK, *table[1:]]
+    assert bm.free_blocks_before(seq, 7) == 0  # nothing more to release
+    assert bm.free_blocks_before(seq, 12) == 2
+    assert seq.block_ids == [FREED_BLOCK, FREED_BLOCK, FREED_BLOCK, table[3]]
+    assert bm.num_held_blocks(seq) == 1 and bm.num_free_blocks == 7
+    assert bm.free_blocks_before(seq, -5) == 0  # before the first position: nothing
+    seq.num_computed_tokens = 14
+    bm.allocate(seq, 3)  # positions 14..16: the table grows by position, one new block
+    assert len(seq.block_ids) == 5 and bm.num_free_blocks == 6
+    bm.free(seq)  # freed entries are skipped, the rest go back
+    assert seq.block_ids == [] and seq.num_freed_blocks == 0 and bm.num_free_blocks == 8
+
+
+def _assert_window_blocks(seq: Sequence, window: int, block_size: int) -> None:
+    """Blocks wholly before the next query's window are freed; every other block is held."""
+    oldest_needed = seq.num_computed_tokens - window + 1
+    for index, block_id in enumerate(seq.block_ids):
+        assert (block_id == FREED_BLOCK) == ((index + 1) * block_size <= oldest_needed), (index, seq.block_ids)
+
+
+def test_window_frees_blocks_behind_each_sequence_and_bounds_its_blocks():
+    window, block_size = 6, 2
+    bm = BlockManager(num_blocks=20, block_size=block_size)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=5, kv_window=window)
+    a = make_seq("a", 13, max_tokens=40)
+    b = make_seq("b", 3, max_tokens=40, index=1)
+    sched.add(a)
+    sched.add(b)
+    most = -(-(window - 1) // block_size) + 1  # blocks a window of positions can touch
+    while sched.has_unfinished():
+        run_step(sched)  # a's prompt goes in chunks of at most 5
+        for seq in sched.running:
+            _assert_window_blocks(seq, window, block_size)
+            assert bm.num_held_blocks(seq) <= most
+    assert a.num_output_tokens == 40 and b.num_output_tokens == 40
+    assert bm.num_free_blocks == 20
+
+
+def test_window_lets_a_sequence_outgrow_the_pool_up_to_its_context_length():
+    bm = BlockManager(num_blocks=4, block_size=2)  # 8 tokens of pool
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, kv_window=4)
+    seq = make_seq("a", 11, max_tokens=100)  # a prompt longer than the pool
+    seq.max_total_tokens = 30
+    sched.add(seq)
+    plans = []
+    while sched.has_unfinished():
+        plans.append(run_step(sched)[1])
+        if not seq.is_finished:
+            _assert_window_blocks(seq, 4, 2)
+    # the prompt is computed in chunks that fit the pool as old blocks are freed behind the window
+    assert plans[0] == [(8, False)] and plans[1] == [(3, True)]
+    assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 30
+    assert bm.num_free_blocks == 4
+
+
+def test_window_pool_must_hold_one_window():
+    sched = Scheduler(BlockManager(num_blocks=2, block_size=4), 4, 64, kv_window=9)
+    with pytest.raises(ValueError, match="sliding window of 9 positions needs at least 3 blocks"):
+        sched.add(make_seq("a", 3))
+
+
+def test_window_preemption_recomputes_from_position_zero():
+    window, block_size = 4, 2
+    bm = BlockManager(num_blocks=5, block_size=block_size)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, kv_window=window)
+    a = make_seq("a", 4, max_tokens=12)
+    b = make_seq("b", 4, max_tokens=12, index=1)
+    sched.add(a)
+    sched.add(b)
+    preempted = []
+    while sched.has_unfinished():
+        out, _ = run_step(sched)
+        preempted += out.preempted
+        for seq in sched.running:
+            _assert_window_blocks(seq, window, block_size)
+    # a window of 4 plus the next token touches up to 3 blocks of 2: 5 blocks cannot hold two
+    assert b in preempted
+    assert a.num_output_tokens == 12 and b.num_output_tokens == 12
+    assert bm.num_free_blocks == 5
 
 
 def test_lower_layers_do_not_import_torch():

@@ -46,3 +46,17 @@ class KVCache:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: [batch, max_context] -> keys, values: [batch, max_context, num_kv_heads, head_dim]
         return self.keys[layer][slots], self.values[layer][slots]
+
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy whole blocks, keys and values of every layer, from src_ids[i] to dst_ids[i]: the data
+        half of copy-on-write (the block manager decides which blocks, this moves the bytes)."""
+        if len(src_ids) != len(dst_ids):
+            raise ValueError(f"copy_blocks needs as many sources as destinations, got {len(src_ids)} and {len(dst_ids)}")
+        if not src_ids:
+            return
+        device = self.keys[0].device
+        offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
+        src = (torch.tensor(src_ids, dtype=torch.long, device=device)[:, None] * self.block_size + offsets).reshape(-1)
+        dst = (torch.tensor(dst_ids, dtype=torch.long, device=device)[:, None] * self.block_size + offsets).reshape(-1)
+        for pool in (*self.keys, *self.values):
+            pool.index_copy_(0, dst, pool.index_select(0, src))  # [num_blocks * block_size, heads, dim]

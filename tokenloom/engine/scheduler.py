@@ -37,17 +37,42 @@ class SchedulerOutput:
 class Scheduler:
     """Each step: running sequences first (oldest first), then waiting ones while blocks and the
     token budget last. A long prompt is computed in chunks. When blocks run out the newest running
-    sequence is preempted: its blocks are freed and it is recomputed later from its tokens."""
+    sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    kv_window: when every layer of the model attends at most this many positions, blocks behind
+    each sequence's window go back to the pool after every step, a prompt chunk shrinks to the
+    blocks left, and a sequence is bounded by its context length rather than by the pool."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_window: int | None = None,
+    ) -> None:
+        if kv_window is not None and kv_window < 1:
+            raise ValueError(f"kv_window must be a positive number of positions or None, got {kv_window}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv_window = kv_window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if self.kv_window is not None:
+            # One token's step needs the blocks of its window: `kv_window` positions at any offset.
+            block_size = self.block_manager.block_size
+            needed = -(-(self.kv_window - 1) // block_size) + 1
+            if self.block_manager.num_blocks < needed:
+                raise ValueError(
+                    f"request {seq.request_id!r}: the KV cache has {self.block_manager.num_blocks} blocks; "
+                    f"the model's sliding window of {self.kv_window} positions needs at least {needed} "
+                    f"blocks of {block_size}; raise num_kv_blocks"
+                )
+            self.waiting.append(seq)
+            return
         if seq.num_prompt_tokens + 1 > capacity:
             raise ValueError(
                 f"request {seq.request_id!r}: prompt of {seq.num_prompt_tokens} tokens cannot fit the KV "
@@ -69,6 +94,19 @@ class Scheduler:
                     return seq
         return None
 
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish `seq` now for a reason only the engine can see (a stop string in the text): it
+        leaves the queues and its blocks return to the pool. A finished sequence is left alone."""
+        if seq.is_finished:
+            return
+        # By identity: Sequence is a dataclass, so `in`/remove would compare field by field.
+        for queue in (self.running, self.waiting):
+            for index, queued in enumerate(queue):
+                if queued is seq:
+                    del queue[index]
+                    break
+        self._finish(seq, reason)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -77,7 +115,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, num_new):
+            while not self.block_manager.can_allocate(seq, self._fit(seq, num_new)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -85,6 +123,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
+            num_new = self._fit(seq, num_new)
             self.block_manager.allocate(seq, num_new)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
@@ -92,7 +131,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._fit(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if not self.block_manager.can_allocate(seq, num_new):
                 break
             self.waiting.popleft()
@@ -113,6 +152,9 @@ class Scheduler:
             seq = item.seq
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
+            if self.kv_window is not None:
+                # The next query sits at num_computed_tokens and reaches back kv_window - 1 positions.
+                self.block_manager.free_blocks_before(seq, seq.num_computed_tokens - self.kv_window + 1)
             if not samples:
                 continue
             seq.append_token(next(sampled))
@@ -122,6 +164,16 @@ class Scheduler:
                 self.running.remove(seq)
                 self._finish(seq, reason)
         return touched
+
+    def _fit(self, seq: Sequence, num_new: int) -> int:
+        """With a window, a chunk shrinks to what the free blocks hold (its older blocks are freed
+        as it advances, so a sequence longer than the pool still makes progress); at least one
+        token, so that a sequence finding no room at all preempts or waits."""
+        if self.kv_window is None:
+            return num_new
+        bm = self.block_manager
+        room = (len(seq.block_ids) + bm.num_free_blocks) * bm.block_size - seq.num_computed_tokens
+        return max(1, min(num_new, room))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

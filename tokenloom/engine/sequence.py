@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from tokenloom.sampling_params import SamplingParams
+
+# A block-table entry whose block was returned to the pool because no layer's sliding window reaches
+# its positions any more; entries keep their places so block b always holds positions b * block_size on.
+FREED_BLOCK = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -18,6 +23,8 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"  # a stop token id (EOS) was generated
     LENGTH = "length"  # max_tokens or the model's context length was reached
     ABORT = "abort"  # the caller aborted the request
+    STOP = "stop"  # a stop string appeared in the detokenized output (checked by the engine)
+    TIME = "time"  # SamplingParams.max_time elapsed since the request was added
 
 
 @dataclass
@@ -34,10 +41,12 @@ class Sequence:
     arrival_index: int
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # by position; FREED_BLOCK where freed
+    num_freed_blocks: int = 0  # leading block_ids entries that are FREED_BLOCK
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     max_total_tokens: int | None = None  # prompt + generated may not exceed this (context length)
+    arrival_time: float = field(default_factory=time.monotonic)  # for max_time
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -79,4 +88,6 @@ class Sequence:
             return FinishReason.LENGTH
         if self.max_total_tokens is not None and self.num_tokens >= self.max_total_tokens:
             return FinishReason.LENGTH
+        if params.max_time is not None and time.monotonic() - self.arrival_time > params.max_time:
+            return FinishReason.TIME
         return None
