@@ -57,6 +57,18 @@ def test_generate_prints_prompt_and_greedy_continuation(smollm2_gguf, hf_smollm2
     assert "Traceback" not in out.err
 
 
+def test_generate_stop_flag_cuts_the_output_before_the_stop_text(smollm2_gguf, hf_smollm2, capsys):
+    _, tok = hf_smollm2
+    expected = hf_greedy_text(hf_smollm2, tok(PROMPT).input_ids, max_new_tokens=16)
+    words = expected.split()
+    assert len(words) >= 3, expected
+    stop = words[2]  # a word well inside the greedy continuation
+    code = main(["generate", PROMPT, "--model", str(smollm2_gguf), "-n", "16", "--stop", stop, "--no-echo"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert out.out == expected[: expected.index(stop)] + "\n"
+
+
 def test_generate_chat_sends_the_prompt_through_the_chat_template(smollm2_gguf, hf_smollm2, capsys):
     question = "What is the capital of France?"
     code = main(["generate", question, "--chat", "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)])
@@ -136,7 +148,9 @@ def test_missing_model_path_is_one_error_line_and_a_hint(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("flag", "value", "name"),
-    [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"), ("--top-k", "-2", "top_k")],
+    [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"), ("--top-k", "-2", "top_k"),
+     ("--min-p", "1.5", "min_p"), ("--repetition-penalty", "0", "repetition_penalty"),
+     ("--no-repeat-ngram-size", "-1", "no_repeat_ngram_size")],
 )
 def test_invalid_sampling_flag_is_a_one_line_error(smollm2_gguf, capsys, flag, value, name):
     code = main(["generate", "hi", "--model", str(smollm2_gguf), flag, value])

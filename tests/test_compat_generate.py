@@ -75,6 +75,7 @@ def hf_generate(model, *args, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+@pytest.mark.filterwarnings("ignore::tokenloom.generation_settings.DefaultLengthWarning")
 def test_defaults_follow_transformers(ours, hf, prompt_ids):
     """No length given: transformers >= 5 generates 20 new tokens (its max_length=20 default counts
     new tokens when nobody set it), greedily, and so must we."""
@@ -164,12 +165,14 @@ def test_call_kwargs_override_generation_config_json(custom_pair, prompt_ids, kw
     [
         ({"max_new_tokens": 4, "no_such_knob": 1}, "no_such_knob"),
         ({"max_new_tokens": 4, "do_sample": True, "temperature": 0.0}, "temperature"),
-        # not implemented yet (a later issue): rejected by name instead of silently ignored
-        ({"max_new_tokens": 4, "repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"max_new_tokens": 4, "num_beams": 2}, "num_beams"),
-        ({"max_new_tokens": 4, "num_return_sequences": 2}, "num_return_sequences"),
-        ({"max_new_tokens": 4, "min_p": 0.1}, "min_p"),
+        # out of range: named with transformers' parameter name
+        ({"max_new_tokens": 4, "repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_new_tokens": 4, "num_beams": 0}, "num_beams"),
+        ({"max_new_tokens": 4, "num_return_sequences": 2}, "num_return_sequences"),  # greedy: transformers errors
+        ({"max_new_tokens": 4, "min_p": 1.5}, "min_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        # not implemented: rejected by name instead of silently ignored
+        ({"max_new_tokens": 4, "num_beams": 2, "diversity_penalty": 0.5, "num_beam_groups": 2}, "diversity_penalty"),
     ],
 )
 def test_bad_generate_arguments_raise_naming_them(ours, prompt_ids, kwargs, named):
@@ -451,6 +454,31 @@ def test_streamer_refuses_a_batch(ours, hf):
     with pytest.raises(ValueError, match="batch"):
         ours.generate(**enc, max_new_tokens=2, streamer=RecordingStreamer())
     assert not ours.engine.has_unfinished()
+
+
+class RowStreamer(RecordingStreamer):
+    """A streamer that takes a batch: put(prompt) once, then put_row(row, ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, list[int]] = {}
+
+    def put_row(self, row: int, ids: torch.Tensor) -> None:
+        assert self.ended == 0, "put_row after end"
+        self.rows.setdefault(row, []).extend(ids.tolist())
+
+
+def test_batch_streamer_gets_each_output_row(ours, hf):
+    _, tok = hf
+    enc = tok(["Hi", "Hello there"], return_tensors="pt", padding=True, padding_side="left")
+    streamer = RowStreamer()
+    out = ours.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=True, num_return_sequences=2,
+                        streamer=streamer)
+    assert streamer.ended == 1 and len(streamer.puts) == 1
+    assert torch.equal(streamer.puts[0], enc.input_ids)  # the prompt batch, once
+    width = enc.input_ids.shape[1]
+    assert out.shape == (4, width + 5)
+    assert streamer.rows == {row: out[row, width:].tolist() for row in range(4)}
 
 
 def test_none_means_not_set(ours, hf, prompt_ids):

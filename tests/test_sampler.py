@@ -27,6 +27,13 @@ VOCAB = 500
 CPU = torch.device("cpu")
 
 
+def build(params, num_outputs, generators) -> SamplingBatch:
+    """SamplingBatch.build for rows whose token history does not matter: a 3-token prompt followed
+    by num_outputs[i] generated tokens."""
+    token_ids = [[1, 2, 3] + [4] * n for n in num_outputs]
+    return SamplingBatch.build(params, token_ids, [3] * len(params), generators, CPU)
+
+
 def make_batch(params, num_outputs=None, seeds=None) -> SamplingBatch:
     """A batch as the model runner builds it: one generator per sampling row (None for greedy)."""
     num_outputs = num_outputs or [0] * len(params)
@@ -37,7 +44,7 @@ def make_batch(params, num_outputs=None, seeds=None) -> SamplingBatch:
             generators.append(None)
         else:
             generators.append(torch.Generator().manual_seed(seed))
-    return SamplingBatch.build(params, num_outputs, generators, CPU)
+    return build(params, num_outputs, generators)
 
 
 def hf_warpers(p: SamplingParams) -> LogitsProcessorList:
@@ -105,7 +112,9 @@ def test_top_p_per_row_matches_transformers():
     top_ps = [1.0, 0.99, 0.9, 0.75, 0.5, 0.2, 0.05, 1e-6]
     logits = random_logits(len(top_ps), seed=2)
     batch = make_batch([SamplingParams(top_p=p) for p in top_ps])
-    ours = apply_top_p(logits.clone(), batch.top_p)
+    ours = process_logits(logits.clone(), batch)  # top-p runs on the rows below 1 only
+    # the warper itself over every row (rows at 1.0 untouched) gives the same
+    assert torch.equal(apply_top_p(logits.clone(), torch.tensor(top_ps, dtype=torch.float64)), ours)
     for row, p in enumerate(top_ps):
         ref = logits[row : row + 1].clone()
         if p < 1.0:  # transformers' generate() adds no top-p warper for top_p=1.0
@@ -121,7 +130,7 @@ def test_top_p_per_row_matches_transformers():
 def test_top_p_with_ties_matches_transformers():
     logits = random_logits(4, seed=3, with_ties=True)
     top_ps = [0.3, 0.6, 0.9, 0.95]
-    ours = apply_top_p(logits.clone(), make_batch([SamplingParams(top_p=p) for p in top_ps]).top_p)
+    ours = process_logits(logits.clone(), make_batch([SamplingParams(top_p=p) for p in top_ps]))
     for row, p in enumerate(top_ps):
         assert_same_filtering(ours[row : row + 1], TopPLogitsWarper(top_p=p)(None, logits[row : row + 1].clone()))
 
@@ -221,17 +230,17 @@ def test_min_tokens_stop_id_is_never_sampled():
     logits[0, 3] = 30.0  # ~all of the mass on the stop id
     params = SamplingParams(temperature=1.0, min_tokens=2, max_tokens=5, stop_token_ids=[3])
     generator = torch.Generator().manual_seed(0)
-    below = SamplingBatch.build([params], [1], [generator], CPU)
+    below = build([params], [1], [generator])
     draws = [int(sample(logits, below)[0]) for _ in range(200)]
     assert 3 not in draws
-    reached = SamplingBatch.build([params], [2], [generator], CPU)
+    reached = build([params], [2], [generator])
     assert int(sample(logits, reached)[0]) == 3
 
 
 def test_ignore_eos_does_not_mask_stop_ids():
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[1], ignore_eos=True)
     batch = make_batch([params])
-    assert batch.suppress_rows is None
+    assert batch.banned is None
 
 
 # ---------------------------------------------------------------- per-request generators
@@ -248,7 +257,7 @@ def _draws_for_row(target: SamplingParams, others: list[SamplingParams], positio
     for step in range(steps):
         logits = random_logits(len(params), seed=1000 + step, vocab=200)
         logits[position] = random_logits(1, seed=5000 + step, vocab=200)[0]  # the target's own logits
-        batch = SamplingBatch.build(params, [step] * len(params), generators, CPU)
+        batch = build(params, [step] * len(params), generators)
         draws.append(int(sample(logits, batch)[position]))
     return draws
 
@@ -270,8 +279,8 @@ def test_different_seeds_give_different_draws():
     logits = torch.zeros(1, 100)  # uniform: two generators agreeing on 20 draws has probability 1e-40
     params = [SamplingParams(temperature=1.0)]
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    draws1 = [int(sample(logits, SamplingBatch.build(params, [0], [g1], CPU))[0]) for _ in range(20)]
-    draws2 = [int(sample(logits, SamplingBatch.build(params, [0], [g2], CPU))[0]) for _ in range(20)]
+    draws1 = [int(sample(logits, build(params, [0], [g1]))[0]) for _ in range(20)]
+    draws2 = [int(sample(logits, build(params, [0], [g2]))[0]) for _ in range(20)]
     assert draws1 != draws2
 
 
@@ -300,7 +309,7 @@ NUM_DRAWS = 4000
 def test_sampled_frequencies_follow_the_distribution(params, expected):
     logits = torch.tensor([PROBS]).log()  # log 0 = -inf: those tokens can never be drawn
     generator = torch.Generator().manual_seed(42)
-    batch = SamplingBatch.build([params], [0], [generator], CPU)
+    batch = build([params], [0], [generator])
     counts = torch.bincount(torch.cat([sample(logits, batch) for _ in range(NUM_DRAWS)]), minlength=10)
     assert counts[3:].sum() == 0
     for token, p in enumerate(expected):
@@ -337,6 +346,50 @@ def test_sampled_frequencies_follow_the_distribution(params, expected):
         ({"seed": 1.0}, "seed", "1.0"),
         ({"stop_token_ids": [2, -3]}, "stop_token_ids", "-3"),
         ({"stop_token_ids": [True]}, "stop_token_ids", "True"),
+        ({"min_p": -0.1}, "min_p", "-0.1"),
+        ({"min_p": 1.5}, "min_p", "1.5"),
+        ({"typical_p": 0.0}, "typical_p", "0.0"),
+        ({"typical_p": 1.2}, "typical_p", "1.2"),
+        ({"epsilon_cutoff": 1.0}, "epsilon_cutoff", "1.0"),
+        ({"epsilon_cutoff": -1e-3}, "epsilon_cutoff", "-0.001"),
+        ({"eta_cutoff": 1.0}, "eta_cutoff", "1.0"),
+        ({"eta_cutoff": -0.5}, "eta_cutoff", "-0.5"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty", "0.0"),
+        ({"repetition_penalty": -1.2}, "repetition_penalty", "-1.2"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty", "inf"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "2.5"),
+        ({"presence_penalty": -3}, "presence_penalty", "-3"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty", "-2.01"),
+        ({"frequency_penalty": "1"}, "frequency_penalty", "'1'"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size", "-1"),
+        ({"no_repeat_ngram_size": 2.0}, "no_repeat_ngram_size", "2.0"),
+        ({"bad_words_ids": [[1, 2], []]}, "bad_words_ids", "[]"),
+        ({"bad_words_ids": [1, 2]}, "bad_words_ids", "[1, 2]"),
+        ({"bad_words_ids": [[1, -2]]}, "bad_words_ids", "-2"),
+        ({"bad_words_ids": [["a"]]}, "bad_words_ids", "'a'"),
+        ({"bad_words_ids": "x"}, "bad_words_ids", "'x'"),
+        ({"sequence_bias": {(): 1.0}}, "sequence_bias", "()"),
+        ({"sequence_bias": {5: 1.0}}, "sequence_bias", "5"),
+        ({"sequence_bias": {(5, -1): 1.0}}, "sequence_bias", "-1"),
+        ({"sequence_bias": {(5,): float("nan")}}, "sequence_bias", "nan"),
+        ({"sequence_bias": {(5,): "big"}}, "sequence_bias", "'big'"),
+        ({"sequence_bias": [[[5], 1.0]]}, "sequence_bias", "[[[5], 1.0]]"),
+        ({"suppress_tokens": [-1]}, "suppress_tokens", "-1"),
+        ({"suppress_tokens": [1.5]}, "suppress_tokens", "1.5"),
+        ({"begin_suppress_tokens": [-4]}, "begin_suppress_tokens", "-4"),
+        ({"stop": [""]}, "stop", "''"),
+        ({"stop": ["ok", 3]}, "stop", "3"),
+        ({"max_time": 0}, "max_time", "0"),
+        ({"max_time": -1.0}, "max_time", "-1.0"),
+        ({"max_time": float("nan")}, "max_time", "nan"),
+        ({"logprobs": -1}, "logprobs", "-1"),
+        ({"logprobs": 21}, "logprobs", "21"),
+        ({"logprobs": 2.0}, "logprobs", "2.0"),
+        ({"renormalize_logits": 1}, "renormalize_logits", "1"),
+        ({"output_scores": "yes"}, "output_scores", "'yes'"),
+        ({"output_logits": None}, "output_logits", "None"),
+        ({"include_stop_str_in_output": 0}, "include_stop_str_in_output", "0"),
+        ({"ignore_eos": None}, "ignore_eos", "None"),
     ],
 )
 def test_invalid_sampling_params_name_the_parameter_and_value(kwargs, name, shown):
@@ -358,3 +411,26 @@ def test_valid_sampling_params():
     assert p.is_greedy
     assert p.stop_token_ids == [2, 5]  # duplicates dropped, order kept
     assert not SamplingParams(temperature=1e-3).is_greedy
+
+
+def test_valid_processor_params_and_their_normal_forms():
+    p = SamplingParams(
+        min_p=1, typical_p=1, epsilon_cutoff=0, eta_cutoff=0.999, repetition_penalty=0.5, presence_penalty=-2,
+        frequency_penalty=2, no_repeat_ngram_size=3, bad_words_ids=[(1, 2), [3]], sequence_bias={(4,): 2, (5, 6): -1.5},
+        suppress_tokens=(7, 8), begin_suppress_tokens=[9], stop="###", max_time=0.5, logprobs=0,
+    )
+    assert p.bad_words_ids == [[1, 2], [3]] and p.suppress_tokens == [7, 8]
+    assert p.sequence_bias == {(4,): 2.0, (5, 6): -1.5} and isinstance(p.sequence_bias[(4,)], float)
+    assert p.stop == ["###"]  # one string is a list of one
+    assert SamplingParams(logprobs=20, max_time=None, seed=None).logprobs == 20
+
+
+def test_every_range_check_names_its_allowed_range():
+    messages = {}
+    for kwargs in ({"top_p": 0}, {"min_p": 2}, {"epsilon_cutoff": 1}, {"presence_penalty": 3}, {"logprobs": 50}):
+        with pytest.raises(ValueError) as info:
+            SamplingParams(**kwargs)
+        messages[next(iter(kwargs))] = str(info.value)
+    assert "(0, 1]" in messages["top_p"] and "[0, 1]" in messages["min_p"]
+    assert "[0, 1)" in messages["epsilon_cutoff"] and "[-2, 2]" in messages["presence_penalty"]
+    assert "[0, 20]" in messages["logprobs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -208,3 +209,60 @@ def test_hf_loader_reads_config_variants(hf_smollm2_dir, tmp_path):
     assert data.extra["chat_templates"] == {"default": "from jinja", "tool_use": "tools {{ tools|length }}"}
     tok = Tokenizer(data)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"type": "function"}]) == "tools 1"
+
+
+# ---------------------------------------------------------------- guards: double BOS, end of turn
+
+# Gemma 3's chat template, abridged: like the original it writes the BOS token itself.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+DOUBLE_BOS = "two BOS tokens.*add_special_tokens=False"
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """Gemma 3's tokenizer (it adds a BOS), with its chat template (the GGUF carries none)."""
+    from tokenloom.loading.pull import pull
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pull("gemma3-270m", progress=False)))
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    return tokenizer
+
+
+def test_double_bos_warns_in_both_tokenizers(gemma_tokenizer):
+    tok = gemma_tokenizer
+    bos = tok.bos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.startswith(tok.bos_token)
+    with pytest.warns(UserWarning, match=DOUBLE_BOS):
+        ids = tok(text)["input_ids"]
+    assert ids[:2] == [bos, bos]  # what the warning is about
+    with pytest.warns(UserWarning, match=DOUBLE_BOS):
+        tok.engine_tokenizer.encode(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single = tok(text, add_special_tokens=False)["input_ids"]
+        assert single[0] == bos and single[1] != bos
+        assert tok.engine_tokenizer.encode(text, add_special_tokens=False) == single
+        assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                       return_dict=False) == single
+        assert tok("Hi")["input_ids"][0] == bos  # plain text: the one BOS the tokenizer adds
+
+
+def test_no_double_bos_warning_when_the_tokenizer_adds_none(ours):
+    """SmolLM2's tokenizer adds no BOS: its rendered template tokenizes the same either way."""
+    text = ours.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ours(text)["input_ids"] == ours(text, add_special_tokens=False)["input_ids"]
+
+
+def test_end_of_turn_token_from_the_template(gemma_tokenizer, ours):
+    assert gemma_tokenizer.engine_tokenizer.end_of_turn_token_ids() == {
+        gemma_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    }
+    assert ours.engine_tokenizer.end_of_turn_token_ids() == {ours.convert_tokens_to_ids("<|im_end|>")}

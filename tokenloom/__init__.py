@@ -16,12 +16,18 @@ _EXPORTS = {
     "SamplingParams": "tokenloom.sampling_params",
     "EngineConfig": "tokenloom.config",
     "RequestOutput": "tokenloom.outputs",
+    "pipeline": "tokenloom.compat.pipeline",
+    "TextStreamer": "tokenloom.compat.streamers",
+    "TextIteratorStreamer": "tokenloom.compat.streamers",
+    "AsyncTextIteratorStreamer": "tokenloom.compat.streamers",
 }
 
 if TYPE_CHECKING:
     from tokenloom.compat.generation_config import GenerationConfig
     from tokenloom.compat.model import AutoModelForCausalLM
+    from tokenloom.compat.pipeline import pipeline
     from tokenloom.compat.seed import set_seed
+    from tokenloom.compat.streamers import AsyncTextIteratorStreamer, TextIteratorStreamer, TextStreamer
     from tokenloom.compat.tokenizer import AutoTokenizer
     from tokenloom.config import EngineConfig
     from tokenloom.llm import LLM
@@ -40,12 +46,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LLM",
+    "AsyncTextIteratorStreamer",
     "AutoModelForCausalLM",
     "AutoTokenizer",
     "EngineConfig",
     "GenerationConfig",
     "RequestOutput",
     "SamplingParams",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "__version__",
+    "pipeline",
     "set_seed",
 ]

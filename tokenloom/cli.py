@@ -24,6 +24,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="0 for greedy; default: the model's generation_config (greedy when it says nothing)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition_penalty (> 1 discourages repeating prompt or output tokens)")
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when TEXT appears in the output (repeatable); the text is not printed")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -84,16 +92,20 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     """Reject bad sampling flags (SamplingParams' own messages) before the slow model load."""
     from tokenloom.sampling_params import SamplingParams
 
-    given = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-             "top_p": args.top_p, "seed": args.seed}
-    SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    SamplingParams(**{k: v for k, v in _sampling_flags(args).items() if v is not None})
+
+
+def _sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop": args.stop, "seed": args.seed,
+    }
 
 
 def _params(llm: Any, args: argparse.Namespace):
-    return llm.sampling_params(
-        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed,
-    )
+    return llm.sampling_params(**_sampling_flags(args))
 
 
 def _stream(llm: Any, prompt: Any, params: Any) -> str:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
+from tokenloom.generation_settings import DEFAULTS, UNSUPPORTED, eos_token_ids, resolve, to_sampling_params
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput
 from tokenloom.sampling_params import SamplingParams
-from tokenloom.tokenizer import Tokenizer
+from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
+
+# SamplingParams fields that are applied as given, after the transformers-named mapping
+_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 @dataclass
@@ -23,6 +29,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
 
 class LLM:
@@ -45,30 +52,41 @@ class LLM:
         self.tokenizer = Tokenizer.from_source(self.loaded.checkpoint.source)
         self.engine = Engine(self.loaded.model, engine_config, tokenizer=self.tokenizer)
         self.generation_defaults = dict(self.loaded.checkpoint.generation_config)
+        self._stop_token_ids = self._model_stop_ids()
 
     # ---- parameters -----------------------------------------------------------------------
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """EOS ids from generation_config.json plus the tokenizer's EOS token."""
-        eos = self.generation_defaults.get("eos_token_id")
-        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    def _model_stop_ids(self) -> list[int]:
+        ids = eos_token_ids(self.generation_defaults.get("eos_token_id"))
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
-        return [int(i) for i in dict.fromkeys(ids)]
+        ids = list(dict.fromkeys(ids))
+        return [*ids, *end_of_turn_stops(self.tokenizer, ids, stacklevel=3)]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """EOS ids from generation_config.json, the tokenizer's EOS token and, when those omit it, the
+        chat template's end-of-turn token (with a warning at load time)."""
+        return list(self._stop_token_ids)
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
-        """The model's defaults (generation_config.json: do_sample, temperature, top_k, top_p), then
-        `overrides`. Without do_sample in the config, decoding is greedy unless a temperature > 0 is given."""
-        cfg = self.generation_defaults
-        values: dict[str, Any] = {"temperature": 0.0, "stop_token_ids": self.stop_token_ids}
-        if cfg.get("do_sample"):
-            values.update(
-                temperature=float(cfg.get("temperature", 1.0)),
-                top_k=int(cfg.get("top_k", 50) or 0),
-                top_p=float(cfg.get("top_p", 1.0)),
-            )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingParams(**values)
+        """The model's generation_config.json (do_sample, temperature, top_k, top_p, repetition_penalty,
+        ... as transformers names them), mapped by `tokenloom.generation_settings`, then `overrides`.
+
+        Overrides named like SamplingParams fields (temperature, max_tokens, stop, ...) are applied as
+        given; other transformers names (max_new_tokens, do_sample, stop_strings, ...) go through the
+        mapping. Without do_sample in the config, decoding is greedy unless a temperature > 0 is given.
+        None values are ignored. max_length/min_length (totals) are not used: prompts come later."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        settings = {
+            k: v for k, v in self.generation_defaults.items()
+            if (k in DEFAULTS or k in UNSUPPORTED) and k not in ("max_length", "min_length")
+        }
+        settings.update({k: v for k, v in given.items() if k not in _PARAM_FIELDS})
+        settings["eos_token_id"] = self.stop_token_ids
+        params = to_sampling_params(settings)
+        direct = {k: v for k, v in given.items() if k in _PARAM_FIELDS}
+        resolve({k: v for k, v in direct.items() if k in DEFAULTS})  # the edge check, transformers' names
+        return dataclasses.replace(params, **direct) if direct else params
 
     # ---- generation -----------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -90,7 +108,10 @@ class LLM:
         ids = self.engine.add_requests([(tokens, p) for (_, tokens), p in zip(encoded, plist)])
         results = {out.request_id: out for out in self.engine.stream(ids) if out.finished}
         return [
-            Completion(text, tokens, results[rid].text, results[rid].token_ids, results[rid].finish_reason)
+            Completion(
+                text, tokens, results[rid].text, results[rid].token_ids, results[rid].finish_reason,
+                results[rid].stop_reason,
+            )
             for rid, (text, tokens) in zip(ids, encoded)
         ]
 
@@ -100,6 +121,35 @@ class LLM:
         _, tokens = self._encode(prompt)
         request_id = self.engine.add_request(tokens, self._with_stop_ids(params or self.sampling_params()))
         yield from self.engine.stream([request_id])
+
+    async def stream_async(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """`stream` as an async generator: each engine step runs in a worker thread, so the event
+        loop stays free while the model computes. Several stream_async calls on one LLM may run
+        concurrently (they take turns stepping the shared engine). Closing the generator early,
+        or cancelling the task that iterates it, aborts the request."""
+        _, tokens = self._encode(prompt)
+        params = self._with_stop_ids(params or self.sampling_params())
+
+        # One lock per LLM, made on first use (dict.setdefault is atomic): steps never overlap.
+        lock: threading.Lock = self.__dict__.setdefault("_step_lock", threading.Lock())
+
+        def locked(call: Any, *args: Any) -> Any:
+            with lock:
+                return call(*args)
+
+        # Queued under the lock too: another stream_async may be stepping the engine right now.
+        request_id = await asyncio.to_thread(locked, self.engine.add_request, tokens, params)
+        outputs = self.engine.stream([request_id])
+        done = object()
+        try:
+            while (out := await asyncio.to_thread(locked, next, outputs, done)) is not done:
+                yield out
+        finally:
+            # Also after a cancellation: the step that was running finishes first (the lock), then
+            # closing the stream aborts the request if it has not finished.
+            await asyncio.to_thread(locked, outputs.close)
 
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         """The model's EOS ids are stop ids for every request unless it sets ignore_eos."""

@@ -19,11 +19,27 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TokenIdsSlice:
+    """`ids[start:end]`, copied only when read. The engine hands one out as `RequestOutput.token_ids`
+    so a step does not copy every request's whole output; it relies on `ids` only ever growing."""
+
+    ids: list[int]
+    start: int
+    end: int
+
+    def materialize(self) -> list[int]:
+        return self.ids[self.start : self.end]
+
+
 @dataclass
 class RequestOutput:
     """One request's progress after a step.
 
-    new_token_ids/text_delta: what this step added; token_ids/text: everything generated so far.
+    new_token_ids/text_delta: what this step added; token_ids/text: everything generated so far
+        (token_ids may be given as a TokenIdsSlice: it is copied into a list on first read).
+    text: a tail that could still begin a stop string is held back until it no longer can, so the
+        deltas so far always join to `text`, and never to a piece of a stop string that gets cut.
     finish_reason: None while running, else "eos", "stop", "length", "time" or "abort".
     stop_reason: what ended it: the stop string matched (finish_reason "stop") or the stop token id
         generated (finish_reason "eos"); None otherwise.
@@ -44,3 +60,19 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     scores: list[Any] | None = None
     logits: list[Any] | None = None
+
+
+def _get_token_ids(self: RequestOutput) -> list[int]:
+    value = self.__dict__["_token_ids"]
+    if isinstance(value, TokenIdsSlice):
+        value = self.__dict__["_token_ids"] = value.materialize()
+    return value
+
+
+def _set_token_ids(self: RequestOutput, value: list[int] | TokenIdsSlice) -> None:
+    self.__dict__["_token_ids"] = value
+
+
+# The dataclass __init__ assigns token_ids through this property, which accepts a TokenIdsSlice and
+# turns it into a list the first time it is read: readers always see a plain list[int].
+RequestOutput.token_ids = property(_get_token_ids, _set_token_ids)  # type: ignore[assignment]

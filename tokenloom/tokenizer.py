@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -12,6 +13,9 @@ from tokenloom.loading.checkpoint import NAMED_SPECIAL_TOKENS, ModelSource, Toke
 
 _CONTENT_REFERENCE = re.compile(r"""message\s*\[\s*['"]content['"]\s*\]|message\.content""")
 # transformers' clean_up_tokenization, used only where the tokenizer asks for it and is not BPE
+# End-of-turn tokens of common chat templates, preferred over the positional heuristic when the template
+# writes one of them.
+KNOWN_END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|eot|>", "<|end_of_turn|>")
 _CLEANUPS = (
     (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
@@ -78,12 +82,34 @@ class Tokenizer:
     # ---- encode / decode -------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; special tokens are added as the tokenizer's post-processor says."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; special tokens are added as the tokenizer's post-processor says.
+
+        Warns when that doubles a BOS the text already starts with (a rendered chat template)."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            self._check_double_bos(text, ids)
+        return ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for several texts at once (in parallel inside `tokenizers`)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        ids = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        if add_special_tokens:
+            for text, row in zip(texts, ids):
+                self._check_double_bos(text, row)
+        return ids
+
+    def _check_double_bos(self, text: str, ids: list[int]) -> None:
+        # A chat template that writes the BOS, tokenized again with add_special_tokens=True by a tokenizer
+        # that adds one (Gemma, Llama): the model then sees two BOS tokens and quietly degrades.
+        bos, bos_id = self.bos_token, self.bos_token_id
+        if bos and bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_id and text.startswith(bos):
+            warnings.warn(
+                f"the text already starts with the BOS token {bos!r} (a rendered chat template writes it) and "
+                "this tokenizer adds another one with add_special_tokens=True, so the ids start with two BOS "
+                "tokens; tokenize rendered chat templates with add_special_tokens=False",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops every added token marked special."""
@@ -286,20 +312,38 @@ class Tokenizer:
         )
 
     def end_of_turn_token_ids(self) -> set[int]:
-        """The special token the chat template writes right after a message's content (e.g. `<|im_end|>`).
+        """The special token the chat template writes after a message's content (e.g. `<|im_end|>`).
 
-        A heuristic for stop tokens when generation_config names none: the first added special token
-        in the template text after the first `message['content']` (empty set when there is none).
+        A known end-of-turn token (`KNOWN_END_OF_TURN_TOKENS`) that the template writes and the vocabulary
+        holds as a special token; otherwise the first added special token in the template text after the
+        first `message['content']`. Empty without a template or such a token.
         """
-        if self.chat_template is None:
+        template = self.chat_template
+        if template is None:
             return set()
-        match = _CONTENT_REFERENCE.search(self.chat_template)
+        special = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special and t.content}
+        known = {special[t] for t in KNOWN_END_OF_TURN_TOKENS if t in special and t in template}
+        if known:
+            return known
+        match = _CONTENT_REFERENCE.search(template)
         if match is None:
             return set()
-        tail = self.chat_template[match.end() :]
-        found = [
-            (tail.find(t.content), i)
-            for i, t in self.backend.get_added_tokens_decoder().items()
-            if t.special and t.content and t.content in tail
-        ]
+        tail = template[match.end() :]
+        found = [(tail.find(token), i) for token, i in special.items() if token in tail]
         return {min(found)[1]} if found else set()
+
+
+def end_of_turn_stops(tokenizer: Tokenizer, eos_token_ids: Iterable[int], stacklevel: int = 2) -> list[int]:
+    """The chat template's end-of-turn token ids that `eos_token_ids` (generation_config's) omit, with a
+    warning: a chat reply would otherwise run on past its turn. Callers add them as stop ids."""
+    eos = set(eos_token_ids)
+    missing = sorted(tokenizer.end_of_turn_token_ids() - eos)
+    if missing:
+        names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in missing)
+        warnings.warn(
+            f"generation_config's eos_token_id {sorted(eos)} omits the chat template's end-of-turn token {names}; "
+            "it is treated as a stop token too, so chat replies end with their turn",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return missing

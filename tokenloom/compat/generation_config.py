@@ -1,4 +1,5 @@
-"""transformers-compatible GenerationConfig (L6): same names and defaults, mapped to SamplingParams."""
+"""transformers-compatible GenerationConfig (L6): same names and defaults, mapped to SamplingParams by
+`tokenloom.generation_settings` (the mapping every face shares)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenloom.generation_settings import (
+    DEFAULTS,
+    IGNORED,
+    UNSUPPORTED,
+    DecodingPlan,
+    plan_generation,
+    resolve,
+)
+from tokenloom.generation_settings import eos_token_ids as _eos_list
 from tokenloom.sampling_params import SamplingParams
 
-# transformers' defaults. Knobs tokenloom does not implement yet are listed with their neutral value:
-# setting them to anything else is an error rather than a silent no-op.
-_DEFAULTS: dict[str, Any] = {
-    "max_length": 20,
-    "max_new_tokens": None,
-    "min_length": 0,
-    "min_new_tokens": None,
-    "do_sample": False,
-    "num_beams": 1,
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "num_return_sequences": 1,
-    "pad_token_id": None,
-    "bos_token_id": None,
-    "eos_token_id": None,
-    "use_cache": True,
-    "output_scores": False,
-    "output_logits": False,
-    "return_dict_in_generate": False,
-}
-_NOT_YET: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "sequence_bias": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "stop_strings": None,
-    "max_time": None,
-    "length_penalty": 1.0,
-    "early_stopping": False,
-    "num_beam_groups": 1,
-    "diversity_penalty": 0.0,
-    "renormalize_logits": False,
-}
-_ALL: dict[str, Any] = {**_DEFAULTS, **_NOT_YET}
-# Keys that appear in generation_config.json files but do not affect decoding here.
-_IGNORED = {"transformers_version", "_from_model_config", "output_attentions", "output_hidden_states",
-            "cache_implementation", "forced_eos_token_id", "forced_bos_token_id", "decoder_start_token_id"}
+_ALL: dict[str, Any] = {**DEFAULTS, **UNSUPPORTED}
 
 
 class GenerationConfig:
     """Generation settings with transformers' attribute names and defaults (max_length=20,
-    do_sample=False, top_k=50, ...). As in transformers >= 5, a max_length left at its default
+    do_sample=False, top_k=50, ...): every knob in `generation_settings.DEFAULTS` (sampling warpers,
+    penalties, bans, biases, stop strings, max_time, beams, num_return_sequences, outputs) plus
+    tokenloom's presence_penalty, frequency_penalty, logit_bias and seed; the knobs in
+    `generation_settings.UNSUPPORTED` are refused by name. As in transformers >= 5, a max_length left at its default
     means 20 new tokens; one that was set (here, in generation_config.json or per call) is the
     total length, prompt included."""
 
@@ -70,15 +40,15 @@ class GenerationConfig:
         for key, value in _ALL.items():
             object.__setattr__(self, key, copy.deepcopy(value))
         unused = self.update(**kwargs)
-        self._extra = {k: v for k, v in unused.items() if k in _IGNORED}
-        unknown = sorted(k for k in unused if k not in _IGNORED)
+        self._extra = {k: v for k, v in unused.items() if k in IGNORED}
+        unknown = sorted(k for k in unused if k not in IGNORED)
         if unknown:
             raise ValueError(f"GenerationConfig got unknown parameter(s): {', '.join(unknown)}")
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> GenerationConfig:
-        known = {k: v for k, v in {**config, **kwargs}.items() if k in _ALL or k in _IGNORED}
+        known = {k: v for k, v in {**config, **kwargs}.items() if k in _ALL or k in IGNORED}
         return cls(**known)
 
     @classmethod
@@ -139,61 +109,27 @@ class GenerationConfig:
     # ---- mapping --------------------------------------------------------------------------
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        if eos is None:
-            return []
-        return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+        return _eos_list(self.eos_token_id)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as transformers names it, for `generation_settings`; max_length only when it
+        was set (the default one means 20 new tokens, not a total)."""
+        values = self.to_dict()
+        if "max_length" not in self._explicit:
+            values.pop("max_length")
+        return values
 
     def validate(self) -> None:
-        """Raise ValueError naming any parameter that is out of range or not supported yet.
+        """Raise ValueError naming any parameter that is out of range or not supported.
         None means "not set" (as in transformers >= 5) and takes the default."""
-        for key, neutral in _NOT_YET.items():
-            if getattr(self, key) is not None and getattr(self, key) != neutral:
-                raise ValueError(
-                    f"{key}={getattr(self, key)!r} is not supported by tokenloom yet (leave it at {neutral!r})"
-                )
-        if self.num_beams not in (None, 1):
-            raise ValueError(f"num_beams={self.num_beams!r}: beam search is not supported yet (use 1)")
-        if self.num_return_sequences not in (None, 1):
-            raise ValueError(f"num_return_sequences={self.num_return_sequences!r} is not supported yet (use 1)")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        temperature = 1.0 if self.temperature is None else self.temperature
-        if self.do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(
-                f"temperature must be > 0 when do_sample=True, got {self.temperature!r} "
-                "(use do_sample=False for greedy decoding)"
-            )
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        resolve(self.settings())
+
+    def plan(self, prompt_length: int) -> DecodingPlan:
+        """Per-request parameters and the beam / num_return_sequences choices for an input of
+        `prompt_length` (the padded width, which transformers measures max_length against)."""
+        return plan_generation(self.settings(), prompt_length)
 
     def to_sampling_params(self, prompt_length: int) -> SamplingParams:
         """Per-request parameters. `prompt_length` is the (padded) input width, which is what
         transformers measures max_length and min_length against."""
-        self.validate()
-        if self.max_new_tokens is not None:
-            max_new = self.max_new_tokens
-        elif self.max_length is None or "max_length" not in self._explicit:
-            # transformers >= 5: a max_length nobody set means 20 *new* tokens (the engine still stops
-            # at the model's context length).
-            max_new = _DEFAULTS["max_length"]
-        else:
-            max_new = self.max_length - prompt_length
-            if max_new < 1:
-                raise ValueError(
-                    f"the input is {prompt_length} tokens long, which reaches max_length={self.max_length}; "
-                    "set max_new_tokens to say how many tokens to generate"
-                )
-        if self.min_new_tokens is not None:
-            min_new = self.min_new_tokens
-        else:
-            min_new = max(0, (self.min_length or 0) - prompt_length)
-        sampling = bool(self.do_sample)
-        return SamplingParams(
-            temperature=float(self.temperature if self.temperature is not None else 1.0) if sampling else 0.0,
-            top_k=int(self.top_k or 0) if sampling else 0,
-            top_p=float(self.top_p if self.top_p is not None else 1.0) if sampling else 1.0,
-            max_tokens=max_new,
-            min_tokens=min(min_new, max_new),
-            stop_token_ids=self.eos_token_ids,
-        )
+        return self.plan(prompt_length).sampling

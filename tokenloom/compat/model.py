@@ -6,6 +6,7 @@ way transformers does: [batch, input_width + longest_generation], finished rows 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -15,10 +16,14 @@ from typing import Any
 
 import torch
 
+from tokenloom.compat.generate_output import GenerateOutput, RowResult, per_step
 from tokenloom.compat.generation_config import GenerationConfig
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
+from tokenloom.errors import ModelLoadError
+from tokenloom.generation_settings import UNSUPPORTED_GENERATE_ARGS, DecodingPlan, warn_if_default_length
 from tokenloom.loading import LoadedModel, load_model
+from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
 
 
 @dataclass
@@ -45,7 +50,16 @@ class TokenloomForCausalLM:
         self.config = ModelConfig(**loaded.checkpoint.config)
         self.generation_config = self._default_generation_config(loaded)
         self.name_or_path = str(loaded.checkpoint.source.path)
-        self.engine = Engine(loaded.model, engine_config)
+        try:  # for stop_strings, the EOS lint and pipeline(); a checkpoint may come without one
+            tokenizer: Tokenizer | None = Tokenizer.from_source(loaded.checkpoint.source)
+        except ModelLoadError:
+            tokenizer = None
+        self.engine = Engine(loaded.model, engine_config, tokenizer=tokenizer)
+        if tokenizer is not None:
+            eos = self.generation_config.eos_token_ids
+            extra = end_of_turn_stops(tokenizer, eos, stacklevel=3)
+            if extra:
+                self.generation_config.eos_token_id = [*eos, *extra]
 
     @staticmethod
     def _default_generation_config(loaded: LoadedModel) -> GenerationConfig:
@@ -74,7 +88,7 @@ class TokenloomForCausalLM:
         if target != self.device:
             self.model.to(target)
             self._loaded.device = target
-            self.engine = Engine(self.model, self.engine.config)
+            self.engine = Engine(self.model, self.engine.config, tokenizer=self.engine.tokenizer)
         return self
 
     def num_parameters(self) -> int:
@@ -100,53 +114,157 @@ class TokenloomForCausalLM:
         attention_mask: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         streamer: Any = None,
+        tokenizer: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """transformers' generate(): returns prompt + new tokens, [batch, width + new]."""
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)
-        if isinstance(input_ids, Mapping):  # a BatchEncoding passed positionally
-            encoding = input_ids
-            input_ids = encoding["input_ids"]
-            if attention_mask is None:
-                attention_mask = encoding.get("attention_mask")
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None, :]
-        # As transformers: the model's generation_config, then what a passed one sets, then kwargs.
-        config = self.generation_config.copy()
-        if generation_config is not None:
-            config.update(**_explicit_settings(generation_config))
-        unused = config.update(**kwargs)
-        if unused:
-            raise ValueError(
-                f"generate() got argument(s) it does not use: {', '.join(sorted(unused))}"
-            )
-        if config.pad_token_id is None and config.eos_token_ids:
-            config.pad_token_id = config.eos_token_ids[0]
+    ) -> torch.Tensor | GenerateOutput:
+        """transformers' generate(): prompt + new tokens, [batch * num_return_sequences, width + new],
+        each input row repeated num_return_sequences times in a row. With return_dict_in_generate=True,
+        a GenerateOutput (sequences, scores, logits, sequences_scores for beams).
+
+        `tokenizer` is accepted as in transformers (which needs it for stop_strings); the model's own
+        tokenizer serves when it is not given."""
+        input_ids, attention_mask = _inputs(input_ids, attention_mask, kwargs)
+        config = self._call_config(generation_config, kwargs)
         if attention_mask is None:
             attention_mask = _infer_attention_mask(input_ids, config)
-        width = input_ids.shape[1]
-        params = config.to_sampling_params(width)
+        plan = config.plan(input_ids.shape[1])
+        if not plan.return_dict_in_generate:  # transformers ignores the outputs without the dict
+            plan = dataclasses.replace(
+                plan, sampling=dataclasses.replace(plan.sampling, output_scores=False, output_logits=False)
+            )
+        if plan.sampling.stop:
+            self._use_tokenizer(tokenizer)
         rows, _ = _strip_padding(input_ids, attention_mask)
+        results = self.generate_rows(rows, plan, streamer=streamer, prompt_ids=input_ids)
+        warn_if_default_length(plan, [(len(r.token_ids), r.finish_reason) for r in results], stacklevel=2)
+        n = plan.num_return_sequences
+        sequences = _repad(
+            input_ids.repeat_interleave(n, dim=0), attention_mask.repeat_interleave(n, dim=0),
+            [r.token_ids for r in results], config.pad_token_id,
+        )
+        if not plan.return_dict_in_generate:
+            return sequences
+        vocab = self.model.config.vocab_size
+        return GenerateOutput(
+            sequences=sequences,
+            scores=per_step([r.scores for r in results], vocab) if plan.sampling.output_scores else None,
+            logits=per_step([r.logits for r in results], vocab) if plan.sampling.output_logits else None,
+            sequences_scores=torch.tensor([r.score for r in results]) if plan.is_beam_search else None,
+        )
+
+    def generate_rows(
+        self, rows: list[list[int]], plan: DecodingPlan, streamer: Any = None, prompt_ids: torch.Tensor | None = None
+    ) -> list[RowResult]:
+        """Generate for unpadded rows: num_return_sequences results per row, in row order. The streamer
+        (not with beams) gets `prompt_ids` first, then each row's new tokens: put(ids) for a single
+        output row, put_row(row, ids) for several."""
+        if plan.is_beam_search:
+            if streamer is not None:
+                raise ValueError("streamer cannot be used with beam search (num_beams > 1); use num_beams=1")
+            return self._beam_rows(rows, plan)
+        n = plan.num_return_sequences
+        expanded = [row for row in rows for _ in range(n)]
+        if streamer is not None and len(expanded) > 1 and not callable(getattr(streamer, "put_row", None)):
+            raise ValueError(
+                f"a transformers-style streamer takes one sequence, this call generates {len(expanded)}: pass a "
+                "batch of 1 with num_return_sequences=1, or a streamer with put_row(row, token_ids)"
+            )
         if streamer is not None:
-            if len(rows) != 1:
-                raise ValueError("a transformers-style streamer takes one sequence; pass a batch of 1")
-            streamer.put(input_ids.cpu())
-        if not rows:
-            return input_ids.clone()
-        request_ids = self.engine.add_requests([(row, params) for row in rows], detokenize=False)
-        generated: dict[str, list[int]] = {rid: [] for rid in request_ids}
+            streamer.put((prompt_ids if prompt_ids is not None else torch.tensor(rows)).cpu())
         try:
+            if not expanded:
+                return []
+            params = plan.sampling
+            # n copies of one seeded request would draw the same sample: copy k uses seed + k
+            per_copy = [
+                dataclasses.replace(params, seed=params.seed + k) if params.seed is not None and n > 1 else params
+                for k in range(n)
+            ]
+            requests = [(row, per_copy[i % n]) for i, row in enumerate(expanded)]
+            request_ids = self.engine.add_requests(requests, detokenize=bool(params.stop))
+            results = {rid: RowResult([]) for rid in request_ids}
+            index = {rid: i for i, rid in enumerate(request_ids)}
             for out in self.engine.stream(request_ids):
-                generated[out.request_id].extend(out.new_token_ids)
-                if streamer is not None:
+                result = results[out.request_id]
+                result.token_ids.extend(out.new_token_ids)
+                result.scores.extend(out.scores or [])
+                result.logits.extend(out.logits or [])
+                if out.finished:
+                    result.finish_reason = out.finish_reason
+                if streamer is not None and len(expanded) == 1:
                     streamer.put(torch.tensor(out.new_token_ids))
+                elif streamer is not None:
+                    streamer.put_row(index[out.request_id], torch.tensor(out.new_token_ids))
+            return [results[rid] for rid in request_ids]
         finally:
             if streamer is not None:
                 streamer.end()
-        return _repad(input_ids, attention_mask, [generated[r] for r in request_ids], config.pad_token_id)
+
+    def _beam_rows(self, rows: list[list[int]], plan: DecodingPlan) -> list[RowResult]:
+        from tokenloom.engine.beam_search import BeamSearchParams, beam_search
+
+        params = plan.sampling
+        beam_params = BeamSearchParams(
+            num_beams=plan.num_beams,
+            length_penalty=plan.length_penalty,
+            early_stopping=plan.early_stopping,
+            num_return_sequences=plan.num_return_sequences,
+            max_tokens=params.max_tokens,
+            min_tokens=params.min_tokens,
+            stop_token_ids=params.stop_token_ids,
+            sampling_params=params,
+        )
+        hypotheses = beam_search(self.engine, rows, beam_params) if rows else []
+        return [
+            RowResult(list(h.token_ids), h.finish_reason, score=float(h.score))
+            for per_prompt in hypotheses
+            for h in per_prompt[: plan.num_return_sequences]
+        ]
+
+    def _call_config(self, generation_config: Any, kwargs: dict[str, Any]) -> GenerationConfig:
+        """As transformers: the model's generation_config, then what a passed one sets, then kwargs."""
+        refused = sorted(k for k in UNSUPPORTED_GENERATE_ARGS if kwargs.get(k) is not None)
+        if refused:
+            raise ValueError(f"generate() argument(s) not supported by tokenloom: {', '.join(refused)}")
+        config = self.generation_config.copy()
+        if generation_config is not None:
+            config.update(**_explicit_settings(generation_config))
+        unused = config.update(**{k: v for k, v in kwargs.items() if k not in UNSUPPORTED_GENERATE_ARGS})
+        if unused:
+            raise ValueError(f"generate() got argument(s) it does not use: {', '.join(sorted(unused))}")
+        config.validate()
+        if config.pad_token_id is None and config.eos_token_ids:
+            config.pad_token_id = config.eos_token_ids[0]
+        return config
+
+    def _use_tokenizer(self, tokenizer: Any) -> None:
+        """stop_strings are matched on text: the engine needs a tokenizer (its own, else the one passed)."""
+        if self.engine.tokenizer is not None:
+            return
+        engine_tokenizer = getattr(tokenizer, "engine_tokenizer", tokenizer)
+        if not isinstance(engine_tokenizer, Tokenizer):
+            raise ValueError(
+                "stop_strings needs a tokenizer and this model has none: pass tokenizer= a tokenloom tokenizer "
+                "(AutoTokenizer.from_pretrained of the same model)"
+            )
+        self.engine.tokenizer = engine_tokenizer
+
+
+def _inputs(
+    input_ids: Any, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    if isinstance(input_ids, Mapping):  # a BatchEncoding passed positionally
+        encoding = input_ids
+        input_ids = encoding["input_ids"]
+        if attention_mask is None:
+            attention_mask = encoding.get("attention_mask")
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None, :]
+    return input_ids, attention_mask
 
 
 def _explicit_settings(generation_config: Any) -> dict[str, Any]:
@@ -195,7 +313,7 @@ def _repad(
     """Left-padded (and unpadded) rows keep their layout with new tokens appended at the input width;
     a right-padded row becomes prompt + new tokens followed by padding."""
     batch, width = input_ids.shape
-    longest = max(len(g) for g in generated)
+    longest = max((len(g) for g in generated), default=0)
     pad = pad_token_id if pad_token_id is not None else 0
     out = torch.full((batch, width + longest), pad, dtype=input_ids.dtype)
     ids = input_ids.detach().cpu()

@@ -13,11 +13,11 @@ from tokenloom.cache.block_manager import BlockManager
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.config import EngineConfig
 from tokenloom.device import memory_bytes_available
-from tokenloom.engine.model_runner import ModelRunner
+from tokenloom.engine.model_runner import ModelRunner, StepResult
 from tokenloom.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from tokenloom.engine.sequence import Sequence
+from tokenloom.engine.sequence import FinishReason, Sequence
 from tokenloom.models.base import CausalLM
-from tokenloom.outputs import RequestOutput
+from tokenloom.outputs import RequestOutput, TokenIdsSlice
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ class Engine:
         )
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
-            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+            kv_window=mc.kv_window,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.device)
         self._sequences: dict[str, Sequence] = {}
@@ -83,13 +84,16 @@ class Engine:
         detokenize: bool = True,
     ) -> str:
         """Queue a request; returns its id. Sampling requests without a seed get one drawn from
-        torch's global generator, so `torch.manual_seed`/`set_seed` make runs repeatable."""
+        torch's global generator, so `torch.manual_seed`/`set_seed` make runs repeatable.
+        Requests with stop strings (`params.stop`) need the engine's tokenizer, even when
+        `detokenize` is False: the strings are matched on the detokenized output."""
         index = next(self._counter)
         request_id = request_id if request_id is not None else f"req-{index}"
         if request_id in self._sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = self._checked_ids("prompt token ids", prompt_token_ids)
         self._checked_ids("stop_token_ids", params.stop_token_ids)
+        stop = self._checked_stop(params.stop)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         if len(prompt) >= self.max_model_len:
@@ -102,11 +106,12 @@ class Engine:
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self.runner.register_seed(request_id, seed)
-        if detokenize and self.tokenizer is not None:
+        if (detokenize or stop) and self.tokenizer is not None:
             from tokenloom.detokenizer import IncrementalDetokenizer
 
             self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt, skip_special_tokens=True
+                self.tokenizer, prompt, skip_special_tokens=True, stop=stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
             )
         try:
             self.scheduler.add(seq)
@@ -123,6 +128,18 @@ class Engine:
         if bad:
             raise ValueError(f"{what} must be in [0, {vocab}) for this model, got {bad[:5]}")
         return values
+
+    def _checked_stop(self, stop: str | list[str]) -> list[str]:
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        bad = [s for s in stop if not isinstance(s, str) or not s]
+        if bad:
+            raise ValueError(f"stop strings must be non-empty strings, got {bad[:5]!r}")
+        if stop and self.tokenizer is None:
+            raise ValueError(
+                f"stop strings {stop[:5]!r} need a tokenizer to match the generated text, and this engine "
+                "has none; create it with Engine(model, config, tokenizer=...) or use stop_token_ids"
+            )
+        return stop
 
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -145,11 +162,13 @@ class Engine:
             if self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not place any waiting request in the KV cache")
             return []
+        # Which runner row belongs to which request, taken before update() advances the sequences.
+        rows = {item.seq.request_id: row for row, item in enumerate(i for i in out.scheduled if i.samples)}
         result = self.runner.step(out)
         touched = self.scheduler.update(out, result.sampled_token_ids)
         outputs = []
         for seq in touched:
-            outputs.append(self._output(seq, [seq.token_ids[-1]]))
+            outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
             if seq.is_finished:
                 self._release(seq)
         return outputs
@@ -200,22 +219,39 @@ class Engine:
             for request_id in pending:
                 self.abort(request_id)
 
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], result: StepResult, row: int) -> RequestOutput:
+        """Detokenize the new tokens, finish the sequence when they complete a stop string, and
+        report them with the runner's per-row extras."""
         detok = self._detokenizers.get(seq.request_id)
         delta = ""
+        stop_reason: str | int | None = None
         if detok is not None:
-            delta = "".join(detok.push(t) for t in new_ids)
+            delta = detok.push_many(new_ids)
+            if detok.stop_match is not None:
+                stop_reason = detok.stop_match
+                if seq.is_finished:
+                    # The token that hit max_tokens/max_time also completed a stop string: the text
+                    # is cut there, so "stop" is the truer reason.
+                    seq.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished:
                 delta += detok.flush()
+        if seq.finish_reason is FinishReason.EOS:
+            stop_reason = seq.token_ids[-1]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             new_token_ids=new_ids,
-            token_ids=seq.output_token_ids,
+            token_ids=TokenIdsSlice(seq.token_ids, seq.num_prompt_tokens, seq.num_tokens),  # type: ignore[arg-type]
             text_delta=delta,
             text=detok.text if detok is not None else "",
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=stop_reason,
+            logprobs=_row_extra(result.logprobs, row),
+            scores=_row_extra(result.scores, row),
+            logits=_row_extra(result.logits, row),
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -254,3 +290,10 @@ class Engine:
                 for item in batch:
                     self.block_manager.free(item.seq)
         return results
+
+
+def _row_extra(values: list, row: int) -> list | None:
+    """A runner row's extra (logprobs, scores or logits) as the one-entry list for its new token;
+    None when the row did not ask for it (or the runner does not produce it)."""
+    value = values[row] if row < len(values) else None
+    return None if value is None else [value]

@@ -12,13 +12,15 @@ from tokenloom.cache.kv_cache import KVCache
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.models.base import CausalLM
 from tokenloom.outputs import TokenLogprob
-from tokenloom.sampling.sampler import SamplingBatch, sample
+from tokenloom.sampling.sampler import SamplingBatch, process_logits, sample_processed, token_logprobs
 
 
 @dataclass
 class StepResult:
     """One entry per sampling sequence, in scheduled order. logprobs/scores/logits hold None for
-    rows whose parameters did not ask for them."""
+    rows whose parameters did not ask for them (SamplingParams.logprobs / output_scores /
+    output_logits); scores are the processed float32 row (after every processor and warper, as
+    transformers' `scores`), logits the raw float32 row."""
 
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -80,15 +82,29 @@ class ModelRunner:
                 sampling.append(item.seq)
         if not rows:
             return StepResult([])
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [rows, vocab]
+        params = [s.params for s in sampling]
         batch = SamplingBatch.build(
-            [s.params for s in sampling],
-            [s.num_output_tokens for s in sampling],
-            [None if s.params.is_greedy else self._generators.get(s.request_id) for s in sampling],
+            params,
+            [s.token_ids for s in sampling],
+            [s.num_prompt_tokens for s in sampling],
+            [None if p.is_greedy else self._generators.get(s.request_id) for p, s in zip(params, sampling)],
             self.device,
+            vocab_size=logits.shape[-1],
         )
-        token_ids = sample(logits, batch).tolist()
-        return StepResult(token_ids)
+        processed = process_logits(logits, batch)
+        ids = sample_processed(processed, batch)
+        none: list = [None] * len(sampling)
+        result = StepResult(ids.tolist(), none, list(none), list(none))
+        if any(p.logprobs is not None for p in params):
+            result.logprobs = token_logprobs(logits, ids, [p.logprobs for p in params])
+        for row, p in enumerate(params):
+            # copies, so that a kept row does not hold the whole batch's tensor alive
+            if p.output_scores:
+                result.scores[row] = processed[row].clone()
+            if p.output_logits:
+                result.logits[row] = logits[row].float().clone()
+        return result
 
     @torch.inference_mode()
     def all_logits(self, out: SchedulerOutput) -> list[torch.Tensor]:

@@ -1,121 +1,237 @@
-"""Turns logits into token ids (L1t). A pure function of logits and per-row parameter tensors;
-the only per-row Python work is drawing from each request's own random generator."""
+"""Turns logits into token ids (L1t). A pure function of logits and per-row tensors built once per
+step; the only per-row Python work is one uniform draw from each sampling row's own generator.
+
+Order, as transformers' `_get_logits_processor`: sequence bias, repetition penalty, (presence and
+frequency penalties, OpenAI/vLLM, which transformers lacks), no-repeat n-grams, bad words,
+min_tokens, suppress_tokens, begin_suppress_tokens; then, for sampling rows only, temperature,
+top-k, top-p, min-p, typical, epsilon, eta; then renormalize_logits.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from tokenloom.outputs import TokenLogprob
+from tokenloom.sampling.processors import (
+    PairCollector,
+    RowValues,
+    TokenPairs,
+    apply_bans,
+    apply_epsilon,
+    apply_eta,
+    apply_min_p,
+    apply_presence_frequency,
+    apply_renormalize,
+    apply_repetition_penalty,
+    apply_sequence_bias,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    apply_typical,
+    bad_words_for_row,
+    ngram_bans_for_row,
+    sequence_bias_for_row,
+)
 from tokenloom.sampling_params import SamplingParams
+
+__all__ = [
+    "SamplingBatch", "apply_top_k", "apply_top_p", "process_logits", "sample", "sample_processed", "token_logprobs",
+]
 
 
 @dataclass
 class SamplingBatch:
-    """Per-row parameters for one step, built once by the model runner.
+    """Everything one step's sampler needs, per row; built once per step by `build`.
 
-    temperature: [rows] float32; top_p: [rows] float64 (so that 1 - top_p rounds exactly as
-    transformers' Python float does); top_k: [rows] long (0 = off); is_greedy: [rows] bool.
-    suppress: (row, token) pairs masked to -inf (stop ids before min_tokens is reached).
-    generators: one per row, None for greedy rows.
+    A field left None means no row of the batch uses that processor, so it costs nothing. A warper
+    holds the values of the sampling rows that use it (not at its neutral value: temperature 1,
+    top_k 0, top_p/typical_p 1, min_p/epsilon/eta 0) and runs on those rows only. top_p is float64
+    so that 1 - top_p rounds exactly as transformers' Python float does.
+    generators: one per row; a row without one takes the argmax of its processed logits.
     """
 
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    is_greedy: torch.Tensor
     all_greedy: bool
-    max_top_k: int  # largest top_k of the batch (0: no row uses top-k); known here, no device sync
-    any_top_p: bool
-    suppress_rows: torch.Tensor | None
-    suppress_tokens: torch.Tensor | None
     generators: list[torch.Generator | None]
+    sequence_bias: TokenPairs | None = None  # values: the bias
+    repetition: TokenPairs | None = None  # every token of prompt + output; values: the penalty
+    generated_counts: TokenPairs | None = None  # output tokens; values: how often each was generated
+    frequency_penalty: torch.Tensor | None = None  # [rows] float32
+    presence_penalty: torch.Tensor | None = None  # [rows] float32
+    banned: TokenPairs | None = None  # set to -inf
+    temperature: RowValues | None = None
+    top_k: RowValues | None = None
+    max_top_k: int = 0  # the largest top_k of the sampling rows: a top-k over that many, no device sync
+    top_p: RowValues | None = None
+    min_p: RowValues | None = None
+    typical_p: RowValues | None = None
+    epsilon_cutoff: RowValues | None = None
+    eta_cutoff: RowValues | None = None
+    renormalize: torch.Tensor | None = None  # [rows] bool, None when no row or every row renormalizes
+    all_renormalize: bool = False
 
     @classmethod
     def build(
         cls,
         params: list[SamplingParams],
-        num_outputs: list[int],
+        token_ids: Sequence[Sequence[int]],
+        num_prompt_tokens: Sequence[int],
         generators: list[torch.Generator | None],
         device: torch.device,
+        vocab_size: int | None = None,
     ) -> SamplingBatch:
-        rows, tokens = [], []
-        for row, (p, n) in enumerate(zip(params, num_outputs)):
-            if n < p.min_tokens and not p.ignore_eos:
-                rows.extend([row] * len(p.stop_token_ids))
-                tokens.extend(p.stop_token_ids)
+        """params, token_ids (prompt + generated so far), num_prompt_tokens and generators: one entry
+        per row. Ids >= vocab_size in the parameters are ignored (the model cannot produce them)."""
+        bias, seen, counts, banned = PairCollector(), PairCollector(), PairCollector(), PairCollector()
+        for row, (p, ids, num_prompt) in enumerate(zip(params, token_ids, num_prompt_tokens)):
+            num_output = len(ids) - num_prompt
+            if p.sequence_bias:
+                row_bias = sequence_bias_for_row(ids, p.sequence_bias)
+                bias.add(row, list(row_bias), list(row_bias.values()))
+            if p.repetition_penalty != 1.0:
+                unique = list(set(ids))
+                seen.add(row, unique, [p.repetition_penalty] * len(unique))
+            if p.presence_penalty or p.frequency_penalty:
+                generated = Counter(ids[num_prompt:])
+                counts.add(row, list(generated), [float(c) for c in generated.values()])
+            bans: set[int] = set(p.suppress_tokens)
+            if p.no_repeat_ngram_size:
+                bans |= ngram_bans_for_row(ids, p.no_repeat_ngram_size)
+            if p.bad_words_ids:
+                bans |= bad_words_for_row(ids, p.bad_words_ids, p.stop_token_ids)
+            if num_output < p.min_tokens and not p.ignore_eos:
+                bans.update(p.stop_token_ids)
+            if num_output == 0:
+                bans.update(p.begin_suppress_tokens)
+            if bans:
+                banned.add(row, sorted(bans))
+
         greedy = [p.is_greedy for p in params]
+
+        def warper(values: list[Any], neutral: Any, dtype: torch.dtype) -> RowValues | None:
+            active = [row for row, (v, g) in enumerate(zip(values, greedy)) if not g and v != neutral]
+            if not active:
+                return None
+            rows = None if len(active) == len(values) else torch.tensor(active, dtype=torch.long, device=device)
+            return RowValues(torch.tensor([values[row] for row in active], dtype=dtype, device=device), rows)
+
+        f32 = torch.float32
+        counts_pairs = counts.build(device)
+        renormalize = [p.renormalize_logits for p in params]
         return cls(
-            temperature=torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=_top_p_dtype(device), device=device),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
-            max_top_k=max((p.top_k for p in params if not p.is_greedy), default=0),
-            any_top_p=any(p.top_p < 1 for p in params if not p.is_greedy),
-            suppress_rows=torch.tensor(rows, dtype=torch.long, device=device) if rows else None,
-            suppress_tokens=torch.tensor(tokens, dtype=torch.long, device=device) if rows else None,
             generators=generators,
+            sequence_bias=bias.build(device, vocab_size),
+            repetition=seen.build(device, vocab_size),
+            generated_counts=counts_pairs,
+            frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=f32, device=device)
+            if counts_pairs is not None
+            else None,
+            presence_penalty=torch.tensor([p.presence_penalty for p in params], dtype=f32, device=device)
+            if counts_pairs is not None
+            else None,
+            banned=banned.build(device, vocab_size),
+            temperature=warper([p.temperature for p in params], 1.0, f32),
+            top_k=warper([p.top_k for p in params], 0, torch.long),
+            max_top_k=max((p.top_k for p, g in zip(params, greedy) if not g), default=0),
+            top_p=warper([p.top_p for p in params], 1.0, _wide_float(device)),
+            min_p=warper([p.min_p for p in params], 0.0, f32),
+            typical_p=warper([p.typical_p for p in params], 1.0, f32),
+            epsilon_cutoff=warper([p.epsilon_cutoff for p in params], 0.0, f32),
+            eta_cutoff=warper([p.eta_cutoff for p in params], 0.0, f32),
+            renormalize=torch.tensor(renormalize, device=device) if any(renormalize) and not all(renormalize) else None,
+            all_renormalize=bool(renormalize) and all(renormalize),
         )
 
 
-def _top_p_dtype(device: torch.device) -> torch.dtype:
+def _wide_float(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
-    """Keep, per row, the tokens whose logit is >= the k-th largest (ties kept, as transformers);
-    rows with top_k 0 keep everything. `max_k`, the largest top_k, saves a device sync."""
-    vocab = logits.shape[-1]
-    k = top_k.clamp(max=vocab)  # [rows]
-    max_k = min(int(k.max()) if max_k is None else max_k, vocab)
-    if max_k == 0:
-        return logits
-    top_values = torch.topk(logits, max_k, dim=-1).values  # [rows, max_k]
-    threshold = top_values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [rows, 1]
-    threshold = threshold.masked_fill((k == 0)[:, None], float("-inf"))
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus filtering with transformers' convention: drop the tokens whose ascending cumulative
-    probability is <= 1 - top_p, always keeping the most likely token. Rows with top_p >= 1 are left
-    untouched (transformers skips the warper there; the cumulative sum could otherwise drop tokens
-    whose probability underflows to 0). Pass top_p as float64 to round 1 - top_p as transformers does."""
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    cutoff = (1 - top_p).to(cumulative.dtype)[:, None]  # [rows, 1]
-    remove_sorted = (cumulative <= cutoff) & (top_p < 1)[:, None]
-    remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Raw logits [rows, vocab] -> processed logits (masks, temperature, top-k, top-p), float32."""
+    """Raw logits [rows, vocab] -> processed scores [rows, vocab] float32: what transformers returns
+    as `scores` (every processor, the warpers for sampling rows). The input is never modified."""
     logits = logits.float()
-    if batch.suppress_rows is not None:
-        # out of place: the caller's logits stay as they were
-        logits = logits.index_put((batch.suppress_rows, batch.suppress_tokens), logits.new_tensor(float("-inf")))
-    if batch.all_greedy:
-        return logits
-    logits = logits / batch.temperature[:, None]
-    if batch.max_top_k > 0:
-        logits = apply_top_k(logits, batch.top_k, batch.max_top_k)
-    if batch.any_top_p:
-        logits = apply_top_p(logits, batch.top_p)
+    if batch.sequence_bias is not None:
+        logits = apply_sequence_bias(logits, batch.sequence_bias)
+    if batch.repetition is not None:
+        logits = apply_repetition_penalty(logits, batch.repetition)
+    if batch.generated_counts is not None:
+        logits = apply_presence_frequency(
+            logits, batch.generated_counts, batch.frequency_penalty, batch.presence_penalty
+        )
+    if batch.banned is not None:
+        logits = apply_bans(logits, batch.banned)
+    if batch.temperature is not None:
+        logits = batch.temperature.apply(logits, apply_temperature)
+    if batch.top_k is not None:
+        logits = batch.top_k.apply(logits, lambda rows, top_k: apply_top_k(rows, top_k, batch.max_top_k))
+    for warper, apply in (
+        (batch.top_p, apply_top_p),
+        (batch.min_p, apply_min_p),
+        (batch.typical_p, apply_typical),
+        (batch.epsilon_cutoff, apply_epsilon),
+        (batch.eta_cutoff, apply_eta),
+    ):
+        if warper is not None:
+            logits = warper.apply(logits, apply)
+    if batch.all_renormalize or batch.renormalize is not None:
+        logits = apply_renormalize(logits, batch.renormalize)
     return logits
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits: [rows, vocab] raw -> token ids [rows]."""
-    processed = process_logits(logits, batch)
-    greedy_ids = processed.argmax(dim=-1)
+def sample_processed(processed: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Processed scores [rows, vocab] -> token ids [rows]: the argmax for greedy rows, a draw from
+    softmax(scores) for rows with a generator. The draw is an inverse-CDF lookup of one uniform
+    number from the row's own generator, so it depends on nothing but that row."""
+    ids = processed.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy_ids
-    probs = processed.softmax(dim=-1)
-    ids = greedy_ids.clone()
-    for row, generator in enumerate(batch.generators):
-        if generator is not None:
-            ids[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
-    return ids
+        return ids
+    rows = [row for row, g in enumerate(batch.generators) if g is not None]
+    if not rows:
+        return ids
+    device = processed.device
+    dtype = _wide_float(device)
+    uniform = torch.stack(
+        [torch.rand((), generator=batch.generators[row], dtype=dtype, device=device) for row in rows]
+    )  # [n]
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    cdf = processed[index].softmax(dim=-1).to(dtype).cumsum(dim=-1)  # [n, vocab]
+    total = cdf[:, -1:]
+    # strictly below the total, so the token found has a probability > 0
+    target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=processed.shape[-1] - 1)
+    return ids.index_put((index,), drawn)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Raw logits [rows, vocab] -> token ids [rows]."""
+    return sample_processed(process_logits(logits, batch), batch)
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int | None]
+) -> list[TokenLogprob | None]:
+    """Per row that asks (num_top[i] not None): log-softmax of the raw logits [rows, vocab] at the
+    chosen token_ids[i] and the num_top[i] most likely (id, logprob) pairs; nothing for other rows."""
+    wanted = [row for row, k in enumerate(num_top) if k is not None]
+    result: list[TokenLogprob | None] = [None] * len(num_top)
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
+    logprobs = logits[index].float().log_softmax(dim=-1)  # [n, vocab]
+    chosen_ids = token_ids[index]
+    chosen = logprobs.gather(1, chosen_ids[:, None])[:, 0]
+    max_k = min(max(num_top[row] for row in wanted), logprobs.shape[-1])
+    top = logprobs.topk(max_k, dim=-1) if max_k else None
+    chosen_ids_l, chosen_l = chosen_ids.tolist(), chosen.tolist()
+    top_ids = top.indices.tolist() if top is not None else [[] for _ in wanted]
+    top_values = top.values.tolist() if top is not None else [[] for _ in wanted]
+    for i, row in enumerate(wanted):
+        k = num_top[row]
+        result[row] = TokenLogprob(chosen_ids_l[i], chosen_l[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+    return result

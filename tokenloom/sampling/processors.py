@@ -1,0 +1,244 @@
+"""Logits processors and warpers with transformers' semantics, applied per row (L1t).
+
+Each processor is a small function over logits [rows, vocab] and per-row tensors that
+`SamplingBatch.build` makes once per step. A row whose knob is neutral is left bit-identical,
+and the batch decides in Python (from the parameters, no device sync) which processors run at all.
+
+History-dependent knobs (sequence bias, repetition and presence/frequency penalties, n-gram and
+bad-word bans) are resolved in Python from each row's token list into (row, token) pairs: only
+those entries of the logits are touched. The helpers for that are the `*_for_row` functions here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class TokenPairs:
+    """Entries (rows[i], tokens[i]) of a [rows, vocab] tensor, with one value per entry where the
+    processor needs one. No pair appears twice."""
+
+    rows: torch.Tensor  # [num_pairs] long
+    tokens: torch.Tensor  # [num_pairs] long
+    values: torch.Tensor | None = None  # [num_pairs] float32
+
+
+@dataclass
+class RowValues:
+    """A warper's setting for the rows that use it: values[i] belongs to row rows[i]; rows None
+    means every row of the batch, in order. The warper then runs on those rows only."""
+
+    values: torch.Tensor  # [num_rows]
+    rows: torch.Tensor | None = None  # [num_rows] long
+
+    def apply(self, logits: torch.Tensor, warper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.rows is None:
+            return warper(logits, self.values)
+        return logits.index_put((self.rows,), warper(logits[self.rows], self.values))
+
+
+class PairCollector:
+    """Accumulates (row, token[, value]) pairs in Python and turns them into one TokenPairs."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.tokens: list[int] = []
+        self.values: list[float] = []
+
+    def add(self, row: int, tokens: Sequence[int], values: Sequence[float] | None = None) -> None:
+        self.rows.extend([row] * len(tokens))
+        self.tokens.extend(tokens)
+        if values is not None:
+            self.values.extend(values)
+
+    def build(self, device: torch.device, vocab_size: int | None = None) -> TokenPairs | None:
+        rows, tokens, values = self.rows, self.tokens, self.values
+        if vocab_size is not None and any(t >= vocab_size for t in tokens):
+            # An id the model cannot produce needs no processing (transformers clamps these away too).
+            keep = [i for i, t in enumerate(tokens) if t < vocab_size]
+            rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
+            values = [values[i] for i in keep] if values else values
+        if not rows:
+            return None
+        return TokenPairs(
+            torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device) if values else None,
+        )
+
+
+# ---------------------------------------------------------------- per-row history (Python)
+
+
+def sequence_bias_for_row(token_ids: Sequence[int], sequence_bias: dict[tuple[int, ...], float]) -> dict[int, float]:
+    """token -> total bias for the next position (SequenceBiasLogitsProcessor): a 1-token key always
+    applies; a longer key applies to its last token when the context ends with the rest of it."""
+    total: dict[int, float] = {}
+    length = len(token_ids)
+    for key, bias in sequence_bias.items():
+        prefix_len = len(key) - 1
+        if prefix_len and (prefix_len > length or list(token_ids[length - prefix_len :]) != list(key[:-1])):
+            continue
+        total[key[-1]] = total.get(key[-1], 0.0) + bias
+    return total
+
+
+def bad_words_for_row(token_ids: Sequence[int], bad_words_ids: list[list[int]], stop_token_ids: list[int]) -> set[int]:
+    """Tokens that would complete a bad word (NoBadWordsLogitsProcessor). As transformers, a
+    one-token bad word that is an EOS (stop) id is ignored."""
+    banned: set[int] = set()
+    length = len(token_ids)
+    for word in bad_words_ids:
+        if len(word) == 1 and word[0] in stop_token_ids:
+            continue
+        prefix_len = len(word) - 1
+        if prefix_len == 0 or (prefix_len <= length and list(token_ids[length - prefix_len :]) == word[:-1]):
+            banned.add(word[-1])
+    return banned
+
+
+def ngram_bans_for_row(token_ids: Sequence[int], ngram_size: int) -> set[int]:
+    """Tokens that would repeat an n-gram of `token_ids` (NoRepeatNGramLogitsProcessor): every
+    earlier window whose first n-1 tokens equal the last n-1 tokens bans its own last token."""
+    length = len(token_ids)
+    if ngram_size <= 0 or length < ngram_size:
+        return set()
+    tokens = list(token_ids)
+    if ngram_size == 1:
+        return set(tokens)
+    prefix = tokens[length - ngram_size + 1 :]
+    last_start = length - ngram_size  # the last complete window starts here
+    banned: set[int] = set()
+    start = 0
+    while True:
+        try:
+            start = tokens.index(prefix[0], start, last_start + 1)
+        except ValueError:
+            return banned
+        if tokens[start : start + ngram_size - 1] == prefix:
+            banned.add(tokens[start + ngram_size - 1])
+        start += 1
+
+
+# ---------------------------------------------------------------- processors (all rows)
+
+
+def apply_sequence_bias(logits: torch.Tensor, bias: TokenPairs) -> torch.Tensor:
+    """Adds each pair's bias (SequenceBiasLogitsProcessor, logit_bias)."""
+    index = (bias.rows, bias.tokens)
+    return logits.index_put(index, logits[index] + bias.values)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: TokenPairs) -> torch.Tensor:
+    """RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the penalty when
+    positive and multiplied by it when negative. `seen.values` holds the row's penalty."""
+    index = (seen.rows, seen.tokens)
+    scores = logits[index]
+    penalized = torch.where(scores < 0, scores * seen.values, scores / seen.values)
+    return logits.index_put(index, penalized)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: TokenPairs, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI/vLLM penalties: logit -= frequency * count, then -= presence, for every token the row
+    generated. `counts.values` holds the counts; frequency/presence are per row [rows]."""
+    index = (counts.rows, counts.tokens)
+    scores = logits[index] - frequency[counts.rows] * counts.values
+    return logits.index_put(index, scores - presence[counts.rows])
+
+
+def apply_bans(logits: torch.Tensor, banned: TokenPairs) -> torch.Tensor:
+    """-inf at each pair: no-repeat n-grams, bad words, min_tokens, suppress_tokens and
+    begin_suppress_tokens. They come after the bias and the penalties in transformers' order, and
+    -inf absorbs anything done after, so one pass does all of them."""
+    return logits.index_put((banned.rows, banned.tokens), logits.new_tensor(NEG_INF))
+
+
+# ---------------------------------------------------------------- warpers (sampling rows)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """TemperatureLogitsWarper; rows at 1.0 are unchanged (x / 1 == x)."""
+    return logits / temperature[:, None]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+    """TopKLogitsWarper: keep, per row, the tokens whose logit is >= the k-th largest (ties kept);
+    rows with top_k 0 keep everything. `max_k`, the largest top_k, saves a device sync."""
+    vocab = logits.shape[-1]
+    k = top_k.clamp(max=vocab)  # [rows]
+    max_k = min(int(k.max()) if max_k is None else max_k, vocab)
+    if max_k == 0:
+        return logits
+    top_values = torch.topk(logits, max_k, dim=-1).values  # [rows, max_k]
+    threshold = top_values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [rows, 1]
+    threshold = threshold.masked_fill((k == 0)[:, None], NEG_INF)
+    return logits.masked_fill(logits < threshold, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper: drop the tokens whose ascending cumulative probability is <= 1 - top_p,
+    always keeping the most likely token. Rows with top_p >= 1 are left untouched (transformers
+    skips the warper there; the cumulative sum could otherwise drop tokens whose probability
+    underflows to 0). Pass top_p as float64 to round 1 - top_p as transformers' Python float does."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    cutoff = (1 - top_p).to(cumulative.dtype)[:, None]  # [rows, 1]
+    remove_sorted = (cumulative <= cutoff) & (top_p < 1)[:, None]
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """MinPLogitsWarper: drop tokens whose probability is below min_p times the top probability,
+    keeping the most likely token. Rows with min_p 0 remove nothing."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    remove = remove.scatter(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """TypicalLogitsWarper: keep the tokens whose surprisal is closest to the entropy until their
+    mass reaches `mass` (at least one). Rows with mass >= 1 are untouched."""
+    normalized = logits.log_softmax(dim=-1)
+    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+    shifted = torch.abs(-normalized - entropy)
+    sorted_shifted, sorted_idx = torch.sort(shifted, descending=False)
+    cumulative = logits.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last[:, None])
+    remove_sorted[:, 0] = False
+    remove_sorted &= (mass < 1)[:, None]
+    return logits.masked_fill(remove_sorted.scatter(1, sorted_idx, remove_sorted), NEG_INF)
+
+
+def apply_epsilon(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """EpsilonLogitsWarper: drop tokens with probability < epsilon, except the most likely.
+    Rows with epsilon 0 remove nothing."""
+    remove = logits.softmax(dim=-1) < epsilon[:, None]
+    remove &= logits < logits.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_eta(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """EtaLogitsWarper: drop tokens with probability < min(epsilon, sqrt(epsilon) * exp(-entropy)),
+    except the most likely. Rows with epsilon 0 remove nothing."""
+    entropy = torch.distributions.Categorical(logits=logits, validate_args=False).entropy()  # [rows]
+    eta = torch.minimum(epsilon, epsilon.sqrt() * torch.exp(-entropy))[:, None]
+    remove = (logits.softmax(dim=-1) < eta) & (logits < logits.amax(dim=-1, keepdim=True))
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_renormalize(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """LogitNormalization (log-softmax), last of all; `rows` [rows] bool selects the rows, None all."""
+    normalized = logits.log_softmax(dim=-1)
+    return normalized if rows is None else torch.where(rows[:, None], normalized, logits)
