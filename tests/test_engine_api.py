@@ -51,6 +51,21 @@ def test_stop_ids_outside_the_vocabulary_are_rejected(tiny):
     assert _idle(tiny.engine)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("suppress_tokens", SamplingParams(temperature=0, suppress_tokens=[5, 97])),
+        ("begin_suppress_tokens", SamplingParams(temperature=0, begin_suppress_tokens=[200])),
+        ("bad_words_ids", SamplingParams(temperature=0, bad_words_ids=[[3, 4], [120]])),
+        ("sequence_bias", SamplingParams(temperature=0, sequence_bias={(1, 300): 2.0})),
+    ],
+)
+def test_processor_ids_outside_the_vocabulary_are_rejected(tiny, name, params):
+    with pytest.raises(ValueError, match=rf"{name} must be in \[0, 97\)"):
+        tiny.engine.add_request([1, 2], params)
+    assert _idle(tiny.engine)
+
+
 def test_empty_batches(tiny):
     empty = torch.zeros((0, 4), dtype=torch.long)
     assert tiny.generate(empty, max_new_tokens=3).shape == (0, 4)

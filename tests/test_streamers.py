@@ -165,6 +165,23 @@ def test_batch_streaming_through_generate(model, tok):
         assert len({r for r, _ in pieces}) == len(BATCH)
 
 
+def test_streaming_several_return_sequences(model, tok):
+    """num_return_sequences > 1: the streamer's rows are the output rows (each prompt row repeated)."""
+    inputs = tok(BATCH[:2], return_tensors="pt", padding=True, padding_side="left")
+    width = inputs["input_ids"].shape[1]
+    streamer = TextIteratorStreamer(tok, skip_prompt=False, timeout=60, skip_special_tokens=True)
+    pieces: list[tuple[int, str]] = []
+    consumer = _consume(streamer, pieces)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=True, seed=3, num_return_sequences=2,
+                         streamer=streamer)
+    consumer.join()
+    assert out.shape[0] == 4
+    for row in range(4):
+        text = "".join(t for r, t in pieces if r == row)
+        assert text == tok.decode(out[row], skip_special_tokens=True)
+        assert torch.equal(out[row, :width], inputs["input_ids"][row // 2])
+
+
 def test_batch_streaming_fed_directly(llm, tok, capsys):
     """Rows interleaved as the engine produces them; TextStreamer prints each row's lines."""
     engine = llm.engine

@@ -170,7 +170,8 @@ class TokenloomForCausalLM:
                 "batch of 1 with num_return_sequences=1, or a streamer with put_row(row, token_ids)"
             )
         if streamer is not None:
-            streamer.put((prompt_ids if prompt_ids is not None else torch.tensor(rows)).cpu())
+            # one prompt row per output row: each input row repeated num_return_sequences times
+            streamer.put(prompt_ids.cpu().repeat_interleave(n, 0) if prompt_ids is not None else expanded)
         try:
             if not expanded:
                 return []

@@ -119,8 +119,9 @@ def beam_search(engine: Engine, prompts: list[list[int]], params: BeamSearchPara
     its pool and returns them all."""
     if engine.has_unfinished():
         raise RuntimeError("beam_search needs an idle engine: finish or abort the queued requests first")
-    checked = [engine._checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
-    engine._checked_ids("stop_token_ids", params.stop_token_ids)
+    checked = [engine.checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
+    engine.checked_ids("stop_token_ids", params.stop_token_ids)
+    engine.check_param_ids(params.sampling_params)
     states = []
     for i, ids in enumerate(checked):
         if not ids:

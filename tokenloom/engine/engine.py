@@ -91,8 +91,8 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{index}"
         if request_id in self._sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt = self._checked_ids("prompt token ids", prompt_token_ids)
-        self._checked_ids("stop_token_ids", params.stop_token_ids)
+        prompt = self.checked_ids("prompt token ids", prompt_token_ids)
+        self.check_param_ids(params)
         stop = self._checked_stop(params.stop)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
@@ -121,13 +121,22 @@ class Engine:
         self._sequences[request_id] = seq
         return request_id
 
-    def _checked_ids(self, what: str, ids: list[int]) -> list[int]:
+    def checked_ids(self, what: str, ids: list[int]) -> list[int]:
+        """`ids` as ints, or a ValueError naming `what` when one lies outside the vocabulary."""
         vocab = self.model.config.vocab_size
         values = [int(t) for t in ids]
         bad = [t for t in values if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{what} must be in [0, {vocab}) for this model, got {bad[:5]}")
         return values
+
+    def check_param_ids(self, params: SamplingParams) -> None:
+        """Every token id a request's parameters name must exist in this model's vocabulary."""
+        self.checked_ids("stop_token_ids", params.stop_token_ids)
+        self.checked_ids("suppress_tokens", params.suppress_tokens)
+        self.checked_ids("begin_suppress_tokens", params.begin_suppress_tokens)
+        self.checked_ids("bad_words_ids", [t for word in params.bad_words_ids for t in word])
+        self.checked_ids("sequence_bias", [t for key in params.sequence_bias for t in key])
 
     def _checked_stop(self, stop: str | list[str]) -> list[str]:
         stop = [stop] if isinstance(stop, str) else list(stop)
@@ -266,7 +275,7 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("prompt_logits needs an idle engine")
         results: list[torch.Tensor] = []
-        prompts = [self._checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
+        prompts = [self.checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
         pending = [Sequence(f"score-{i}", p, SamplingParams(), -1) for i, p in enumerate(prompts)]
         while pending:
             batch, budget = [], self.config.max_num_batched_tokens
