@@ -66,6 +66,21 @@ def test_processor_ids_outside_the_vocabulary_are_rejected(tiny, name, params):
     assert _idle(tiny.engine)
 
 
+def test_a_stream_ends_with_abort_when_another_caller_aborts_its_request(tiny):
+    engine = tiny.engine
+    mine = engine.add_request([1, 2, 3], GREEDY)
+    other = engine.add_request([4, 5], GREEDY)
+    outputs = []
+    for out in engine.stream([mine]):
+        outputs.append(out)
+        if len(outputs) == 2:
+            engine.abort(mine)  # e.g. a server's cancel endpoint, not this consumer
+    assert [o.finished for o in outputs] == [False, False, True]
+    assert outputs[-1].finish_reason == "abort" and outputs[-1].request_id == mine
+    list(engine.stream([other]))
+    assert _idle(engine)
+
+
 def test_empty_batches(tiny):
     empty = torch.zeros((0, 4), dtype=torch.long)
     assert tiny.generate(empty, max_new_tokens=3).shape == (0, 4)

@@ -171,3 +171,40 @@ def test_long_generation_keeps_its_blocks_bounded_and_matches_transformers(tmp_p
     assert seq.output_token_ids == expected and len(expected) == num_new
     assert most_held == bound  # the bound is reached, so the assertion above was not idle
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# ---------------------------------------------------------------- which configs slide
+
+
+def _config_of(model_type: str, **extra):
+    from tokenloom.models.registry import model_class_for
+
+    raw = {**COMMON, "num_hidden_layers": 2, "model_type": model_type, **extra}
+    return model_class_for(raw).config_class.from_dict(raw)
+
+
+def test_a_window_as_long_as_the_context_counts_as_none() -> None:
+    """Phi-3.5-style configs carry sliding_window=262144 for a 131072 context: a pool sized for that
+    window could never be allocated, and the window never cuts anything."""
+    for model_type in ("mistral", "phi3"):
+        long = _config_of(model_type, sliding_window=1024, max_position_embeddings=256)
+        assert long.kv_window is None and long.window_for_layer(0) is None
+        short = _config_of(model_type, sliding_window=16, max_position_embeddings=256)
+        assert short.kv_window == 16
+
+
+def test_phi3_with_a_window_longer_than_the_context_serves_requests(tmp_path) -> None:
+    config = transformers.Phi3Config(**COMMON, num_hidden_layers=2, sliding_window=1024)
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), None, device_map="cpu")
+    engine = Engine(loaded.model, EngineConfig(num_kv_blocks=8, block_size=4))
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    outputs = [out for out in engine.run() if out.finished]
+    assert len(outputs[0].token_ids) == 4
+
+
+def test_llama_ignores_a_sliding_window_key_as_transformers_does() -> None:
+    # transformers' LlamaModel never reads sliding_window; its Mistral never reads layer_types
+    assert _config_of("llama", sliding_window=4).kv_window is None
+    mistral = _config_of("mistral", sliding_window=4, layer_types=["full_attention", "full_attention"])
+    assert [mistral.window_for_layer(i) for i in range(2)] == [4, 4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -274,6 +275,31 @@ def test_llm_stream_async_closed_early_aborts(llm):
 
     asyncio.run(main())
     assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_llm_stream_async_cancelled_while_queueing_leaves_nothing_behind(llm):
+    """Cancelled while its worker thread waits for the engine lock: the request must not stay queued
+    with no consumer (it would hold KV blocks and keep the engine busy forever)."""
+    lock = llm.__dict__.setdefault("_step_lock", threading.Lock())
+
+    async def main() -> None:
+        stream = llm.stream_async("Once upon a time,", SamplingParams(temperature=0.0, max_tokens=50))
+        task = asyncio.ensure_future(anext(stream))
+        lock.acquire()
+        try:
+            await asyncio.sleep(0.3)  # the worker thread is now waiting for the lock
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            lock.release()
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while (llm.engine.has_unfinished() or llm.engine._mailbox) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not llm.engine.has_unfinished() and not llm.engine._mailbox
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 

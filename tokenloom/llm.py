@@ -139,8 +139,29 @@ class LLM:
             with lock:
                 return call(*args)
 
-        # Queued under the lock too: another stream_async may be stepping the engine right now.
-        request_id = await asyncio.to_thread(locked, self.engine.add_request, tokens, params)
+        # Queued under the lock too: another stream_async may be stepping the engine right now. If
+        # this task is cancelled while the worker thread waits for the lock, the request must still
+        # not be left queued with no one to consume it: whichever of `add` and `undo` gets the lock
+        # second sees what the first did.
+        state: dict[str, Any] = {"cancelled": False, "request_id": None}
+
+        def add() -> str | None:
+            with lock:
+                if not state["cancelled"]:
+                    state["request_id"] = self.engine.add_request(tokens, params)
+                return state["request_id"]
+
+        def undo() -> None:
+            with lock:
+                state["cancelled"] = True
+                if state["request_id"] is not None:
+                    self.engine.abort(state["request_id"])
+
+        try:
+            request_id = await asyncio.to_thread(add)
+        except asyncio.CancelledError:
+            threading.Thread(target=undo, daemon=True).start()
+            raise
         outputs = self.engine.stream([request_id])
         done = object()
         try:

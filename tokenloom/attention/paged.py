@@ -206,6 +206,12 @@ def _attend(
     keys, values = kv_cache.gather(layer, group.context_slots)  # [batch, ctx, kv_heads, dim]
     q = query[group.query_index].transpose(1, 2)  # [batch, heads, num_queries, dim]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [batch, kv_heads, ctx, dim]
+    if gqa and group.mask is not None and q.is_cuda:
+        # CUDA's fused SDPA kernels take either a mask or enable_gqa, not both (the pair falls back to
+        # the math kernel): repeat the KV heads instead.
+        repeat = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+        gqa = False
     out = F.scaled_dot_product_attention(
         q,
         keys,

@@ -176,10 +176,13 @@ class Engine:
         result = self.runner.step(out)
         touched = self.scheduler.update(out, result.sampled_token_ids)
         outputs = []
-        for seq in touched:
-            outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
-            if seq.is_finished:
-                self._release(seq)
+        try:
+            for seq in touched:
+                outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
+        finally:  # even if an output fails, finished requests give back their per-request state
+            for seq in touched:
+                if seq.is_finished:
+                    self._release(seq)
         return outputs
 
     def run(self) -> Iterator[RequestOutput]:
@@ -214,11 +217,14 @@ class Engine:
                         if out.finished:
                             pending.discard(request_id)
                         yield out
+                # A request aborted by another caller: its consumer still learns that it ended.
+                for request_id in [r for r in request_ids if r in pending]:
+                    if request_id not in self._sequences and request_id not in self._mailbox:
+                        pending.discard(request_id)
+                        yield RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ABORT.value)
                 if not pending:
                     break
                 if not self.has_unfinished():
-                    if not ready:
-                        break  # the requests were aborted elsewhere
                     continue
                 # Every output of the step is filed before any is yielded, so another consumer
                 # resuming in between finds its own.

@@ -36,8 +36,10 @@ class ModelConfig:
     layer_types: list[str] | None = None
 
     def window_for_layer(self, layer_index: int) -> int | None:
-        """How many positions layer `layer_index` attends (None: the whole context)."""
-        if not self.sliding_window:
+        """How many positions layer `layer_index` attends (None: the whole context). A window as long
+        as the context never cuts anything (Phi-3.5 configs say 262144 for a 131072 context), so it
+        counts as none: a pool sized for such a window could never be allocated."""
+        if not self.sliding_window or self.sliding_window >= self.max_position_embeddings:
             return None
         if self.layer_types is None or self.layer_types[layer_index] == "sliding_attention":
             return self.sliding_window

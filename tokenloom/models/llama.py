@@ -20,11 +20,9 @@ class LlamaConfig(DecoderConfig):
     def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
         heads = raw["num_attention_heads"]
         max_positions = raw.get("max_position_embeddings", 2048)
-        window = raw.get("sliding_window")
-        # Mistral: every layer attends its last `sliding_window` positions unless layer_types says
-        # otherwise. A window as long as the context never cuts anything, so it is dropped.
-        if not (window and raw.get("use_sliding_window", True) and window < max_positions):
-            window = None
+        # Mistral: every layer attends its last `sliding_window` positions. transformers' Llama ignores
+        # a sliding_window key, and its Mistral ignores layer_types; so do we.
+        window = raw.get("sliding_window") if raw.get("model_type") == "mistral" else None
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
@@ -37,7 +35,7 @@ class LlamaConfig(DecoderConfig):
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=window,
-            layer_types=raw.get("layer_types") if window else None,
+            layer_types=None,
         )
 
 
