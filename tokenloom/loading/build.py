@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -15,6 +16,22 @@ from tokenloom.models.quantization import quantize_linears
 from tokenloom.models.registry import model_class_for
 
 logger = logging.getLogger(__name__)
+
+# Checkpoint tensors that are safe to leave unread: buffers older transformers versions saved (GPT-2's
+# causal mask, rotary inverse frequencies, which the model computes itself) and the vision tower of a
+# multimodal checkpoint whose text backbone is built. Any other tensor the model has no parameter
+# for is an error: dropping it silently (q/k/v biases under a config without attention_bias, say)
+# would give a model that runs and answers wrongly.
+_IGNORED_TENSORS = re.compile(
+    r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$"
+    r"|(^|\.)rotary_emb\.inv_freq$"
+    r"|^(model\.)?(vision_tower|multi_modal_projector)\."
+)
+
+
+def is_ignored_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor the model has no parameter for may be skipped."""
+    return _IGNORED_TENSORS.search(name) is not None
 
 
 def build_model(
@@ -36,8 +53,15 @@ def build_model(
         tensors = tqdm(tensors, total=checkpoint.num_tensors, desc="Loading weights", unit="tensor")
     for name, tensor in tensors:
         if name not in params:
-            logger.debug("ignoring checkpoint tensor %s", name)
-            continue
+            if is_ignored_tensor(name):
+                logger.debug("ignoring checkpoint tensor %s", name)
+                continue
+            raise ModelLoadError(
+                f"{checkpoint.source.path} holds tensor {name} (shape {tuple(tensor.shape)}), which the "
+                f"{config.model_type} model built from its config has no parameter for",
+                hint="the config does not describe these weights (e.g. q/k/v biases in the checkpoint "
+                "but no attention_bias=true in config.json); tokenloom does not drop weights silently",
+            )
         expected = params[name].shape
         if tuple(tensor.shape) != tuple(expected):
             raise ModelLoadError(

@@ -18,125 +18,12 @@ from typing import Any
 
 import torch
 
-from tokenloom.errors import GGUFFormatError, UnsupportedModelError
+from tokenloom.errors import GGUFFormatError
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource
+from tokenloom.loading.gguf_config import SUPPORTED_ARCHITECTURES, gguf_config
 from tokenloom.loading.gguf_quants import dequantize, supported_types
 from tokenloom.loading.gguf_reader import GGUFFile, GGUFTensorInfo, read_gguf
-
-# llama.cpp key (after "<arch>.") -> config.json key; transformers' GGUF_CONFIG_MAPPING for these archs.
-_DECODER_KEYS = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "rope.freq_base": "rope_theta",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "vocab_size": "vocab_size",
-}
-_ARCH_KEYS: dict[str, dict[str, str]] = {
-    # rope.dimension_count is head_dim only for llama/mistral (transformers' note)
-    "llama": {**_DECODER_KEYS, "rope.dimension_count": "head_dim"},
-    "mistral": {**_DECODER_KEYS, "rope.dimension_count": "head_dim"},
-    "qwen2": _DECODER_KEYS,
-    "qwen3": _DECODER_KEYS,
-    "phi3": _DECODER_KEYS,
-    "gemma3": {
-        **_DECODER_KEYS,
-        "attention.key_length": "head_dim",
-        "attention.sliding_window": "sliding_window",
-    },
-    "gpt2": {
-        "block_count": "n_layer",
-        "context_length": "n_ctx",
-        "embedding_length": "n_embd",
-        "feed_forward_length": "feed_forward_length",
-        "attention.head_count": "n_head",
-        "attention.layer_norm_epsilon": "layer_norm_epsilon",
-    },
-}
-_GENERAL_KEYS = {"general.architecture": "model_type", "general.name": "_model_name_or_path"}
-_TOKEN_ID_KEYS = {
-    "tokenizer.ggml.bos_token_id": "bos_token_id",
-    "tokenizer.ggml.eos_token_id": "eos_token_id",
-    "tokenizer.ggml.unknown_token_id": "unk_token_id",
-    "tokenizer.ggml.padding_token_id": "pad_token_id",
-}
-# Keys transformers leaves to its config classes' defaults but the file states: kept, as they describe
-# this model rather than the class's reference checkpoint.
-_EXTRA_KEYS: dict[str, dict[str, str]] = {
-    "qwen3": {"attention.key_length": "head_dim"},
-    "phi3": {"attention.sliding_window": "sliding_window"},
-}
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
-
-
-def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -> dict[str, Any]:
-    """config.json keys for a GGUF file's metadata, as transformers' GGUF loader derives them."""
-    architecture = metadata.get("general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path}: GGUF architecture {architecture!r} is not supported",
-            hint=f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
-    # transformers' test is list membership on the parsed name, so only a name of exactly "mistral" counts
-    updated = (
-        "mistral" if architecture == "llama" and metadata.get("general.name") == "mistral" else architecture
-    )
-    arch_keys = {f"{architecture}.{key}": name for key, name in _ARCH_KEYS[updated].items()}
-    extra_keys = {f"{architecture}.{key}": name for key, name in _EXTRA_KEYS.get(updated, {}).items()}
-
-    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
-    for key, value in metadata.items():
-        name = _GENERAL_KEYS.get(key) or _TOKEN_ID_KEYS.get(key) or arch_keys.get(key) or extra_keys.get(key)
-        if name is None:
-            continue
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, str) and architecture in value:
-            value = value.replace(architecture, updated)
-        config[name] = value
-    if config["model_type"] == "gemma3":  # the GGUF holds the text backbone only
-        config["model_type"] = "gemma3_text"
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
-        config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
-
-    config["torch_dtype"] = "float32"
-    if any(name.endswith(".attn_q.bias") for name in tensor_names) and updated in ("llama", "mistral"):
-        config["attention_bias"] = True
-    if "rope_theta" in config and updated != "gemma3":
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
-    if updated == "gemma3":
-        _add_gemma3_defaults(config)
-    if updated == "gpt2":
-        config.setdefault("n_positions", config.get("n_ctx"))
-        config.setdefault("n_inner", config.get("feed_forward_length"))
-    return config
-
-
-def _add_gemma3_defaults(config: dict[str, Any]) -> None:
-    """What Gemma3TextConfig supplies and a GGUF does not state (the values of every Gemma 3 release)."""
-    config.setdefault("rope_theta", 1_000_000.0)
-    config.setdefault("rope_local_base_freq", 10_000.0)
-    config.setdefault("sliding_window_pattern", 6)
-    config.setdefault("query_pre_attn_scalar", 256)
-    config.setdefault("hidden_activation", "gelu_pytorch_tanh")
-    config.setdefault("final_logit_softcapping", None)
-    config.setdefault("attn_logit_softcapping", None)
-    pattern = config["sliding_window_pattern"]
-    config.setdefault(
-        "layer_types",
-        [
-            "sliding_attention" if (i + 1) % pattern else "full_attention"
-            for i in range(config.get("num_hidden_layers", 0))
-        ],
-    )
-    config["rope_parameters"] = {
-        "sliding_attention": {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]},
-        "full_attention": {"rope_type": "default", "rope_theta": config["rope_theta"]},
-    }
-
+from tokenloom.loading.gguf_rope import ROPE_FREQS, llama3_rope_from_freqs
 
 # GGUF tensor names -> HF parameter names
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -318,7 +205,9 @@ def load_gguf_checkpoint(path: Path, *, num_workers: int | None = None) -> Check
         for key in ("bos_token_id", "eos_token_id", "pad_token_id")
         if config.get(key) is not None
     }
-    plans = _plan(gguf, str(architecture), config)
+    if config["model_type"] in ("llama", "mistral"):
+        llama3_rope_from_freqs(gguf, config)  # refuses a rope_freqs tensor it cannot account for
+    plans = [plan for plan in _plan(gguf, str(architecture), config) if plan.info.name != ROPE_FREQS]
     workers = _default_workers() if num_workers is None else num_workers
 
     def iter_tensors() -> Iterator[tuple[str, torch.Tensor]]:

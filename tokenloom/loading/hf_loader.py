@@ -22,10 +22,23 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 
-def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
+# model_type -> prefixes of tensors that belong to no part of the text model tokenloom builds (the
+# vision tower of a multimodal checkpoint); they are left out of the shard plan and never read.
+_SKIPPED_PREFIXES: dict[str, tuple[str, ...]] = {
+    "gemma3": (
+        "vision_tower.",
+        "multi_modal_projector.",
+        "model.vision_tower.",
+        "model.multi_modal_projector.",
+    ),
+}
+
+
+def _shard_plan(directory: Path, model_type: object = None) -> list[tuple[Path, list[str] | None]]:
     """[(safetensors file, tensor names to read from it or None for all)], in reading order."""
     single = directory / SAFETENSORS_NAME
     index_path = directory / SAFETENSORS_INDEX_NAME
+    skipped = _SKIPPED_PREFIXES.get(str(model_type), ())
     if index_path.is_file():
         index = read_json_object(index_path)
         weight_map = index.get("weight_map")
@@ -33,6 +46,8 @@ def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
             raise ModelLoadError(f"{index_path} has no 'weight_map' object naming the shard of each tensor")
         names_by_shard: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
+            if skipped and str(name).startswith(skipped):
+                continue
             names_by_shard.setdefault(str(shard), []).append(str(name))
         plan = []
         for shard, names in names_by_shard.items():
@@ -45,7 +60,9 @@ def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
             plan.append((shard_path, names))
         return plan
     if single.is_file():
-        return [(single, None)]
+        if not skipped:
+            return [(single, None)]
+        return [(single, [name for name in _tensor_names(single) if not name.startswith(skipped)])]
     bins = sorted(p.name for p in directory.glob("*.bin"))
     if bins:
         raise ModelLoadError(
@@ -57,6 +74,16 @@ def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
     raise ModelNotFoundError(
         f"{directory} has no weights: expected {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}",
     )
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ModelLoadError(f"could not read the safetensors header of {path}: {exc}") from exc
 
 
 def _count_tensors(plan: list[tuple[Path, list[str] | None]]) -> int:
@@ -93,15 +120,30 @@ def _iter_plan(plan: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[str,
 # model_type -> the prefix of its base-model parameters in a *ForCausalLM / *LMHeadModel checkpoint.
 # Checkpoints saved from the base model (GPT-2's own release among them) store the names without it.
 _BASE_MODEL_PREFIXES = {"gpt2": "transformer."}
+# model_type -> (stored prefix, HF name prefix of tokenloom's model): the text backbone of a
+# Gemma3ForConditionalGeneration, as transformers 4.50-4.x (`language_model.model.`) and 5.x
+# (`model.language_model.`) save it.
+_RENAMED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3": (
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ),
+}
 
 
 def _renamed(
     tensors: Iterator[tuple[str, torch.Tensor]], model_type: object
 ) -> Iterator[tuple[str, torch.Tensor]]:
     prefix = _BASE_MODEL_PREFIXES.get(str(model_type))
+    renames = _RENAMED_PREFIXES.get(str(model_type), ())
     for name, tensor in tensors:
         if prefix and not name.startswith(prefix) and not name.startswith("lm_head."):
             name = prefix + name
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
         yield name, tensor
 
 
@@ -119,7 +161,7 @@ def load_hf_checkpoint(directory: Path) -> Checkpoint:
     config = read_json_object(config_path)
     generation_config_path = directory / GENERATION_CONFIG_NAME
     generation_config = read_json_object(generation_config_path, missing_ok=True)
-    plan = _shard_plan(directory)
+    plan = _shard_plan(directory, config.get("model_type"))
     try:
         num_tensors = _count_tensors(plan)
     except Exception as exc:

@@ -21,9 +21,31 @@ from tokenloom.models.layers import Attention, GatedMLP, RotaryEmbedding
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-# Gemma3TextConfig's defaults for keys a config.json may leave out.
+# Gemma3TextConfig's defaults (transformers 5.24) for keys a config.json may leave out: Google's
+# original multimodal configs state only what differs from them (gemma-3-4b's text_config has no
+# vocab_size, head counts or head_dim).
 _DEFAULT_ROPE_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
 _DEFAULT_SLIDING_WINDOW_PATTERN = 6
+_TEXT_CONFIG_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+}
+# Keys of a full Gemma3Config (Gemma3ForConditionalGeneration) that apply to its text backbone.
+_TOP_LEVEL_KEYS = ("tie_word_embeddings", "torch_dtype", "dtype")
 
 
 @dataclass
@@ -42,7 +64,12 @@ class Gemma3TextConfig(ModelConfig):
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Gemma3TextConfig:
         if isinstance(raw.get("text_config"), dict):  # a full Gemma3Config: the text backbone's keys
-            raw = {**raw["text_config"], "model_type": "gemma3_text"}
+            top_level = {key: raw[key] for key in _TOP_LEVEL_KEYS if raw.get(key) is not None}
+            raw = {**raw["text_config"], **top_level, "model_type": "gemma3_text"}
+            # transformers' Gemma3ForConditionalGeneration never applies it (its Gemma3ForCausalLM
+            # does); every Gemma 3 release has it null anyway
+            raw["final_logit_softcapping"] = None
+        raw = {**_TEXT_CONFIG_DEFAULTS, **raw}  # absent keys only: an explicit null (sliding_window) stays
         if raw.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True (EmbeddingGemma) is not supported; use False")
         num_layers = raw["num_hidden_layers"]
@@ -56,14 +83,8 @@ class Gemma3TextConfig(ModelConfig):
             )
         return cls._pick(
             raw,
-            num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-            head_dim=raw.get("head_dim") or 256,
-            max_position_embeddings=raw.get("max_position_embeddings", 131_072),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            sliding_window=raw.get("sliding_window", 4096),
+            tie_word_embeddings=bool(raw["tie_word_embeddings"]),
             layer_types=list(layer_types),
-            query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
-            hidden_activation=raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh",
             rope_parameters=_rope_parameters(raw),
         )
 

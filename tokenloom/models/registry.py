@@ -23,6 +23,8 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
 }
 _ALIASES: dict[str, str] = {
     "mistral": "llama",
+    # Gemma3ForConditionalGeneration checkpoints: their text backbone (the loader skips the vision tower)
+    "gemma3": "gemma3_text",
 }
 
 
