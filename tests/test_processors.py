@@ -317,3 +317,113 @@ def test_ngram_bans_match_transformers_on_long_histories(ngram_size):
         ref = NoRepeatNGramLogitsProcessor(ngram_size)(torch.tensor([ids]), logits)
         expected = set(torch.isinf(ref[0]).nonzero()[:, 0].tolist())
         assert ngram_bans_for_row(ids, ngram_size) == expected
+
+
+# ---------------------------------------------------------------- incremental state
+
+
+def _history_params(rng: random.Random, seed: int) -> SamplingParams:
+    """Random history-dependent knobs (and sometimes sampling), so that each request's state differs."""
+    sampled = rng.random() < 0.5
+    return SamplingParams(
+        temperature=1.5 if sampled else 0.0, seed=seed if sampled else None, top_p=rng.choice([1.0, 0.9]),
+        repetition_penalty=rng.choice([1.0, 1.05, 1.3, 0.8]),
+        presence_penalty=rng.choice([0.0, 0.5]), frequency_penalty=rng.choice([0.0, 0.3, -0.2]),
+        no_repeat_ngram_size=rng.choice([0, 0, 1, 2, 3, 4]), min_tokens=rng.choice([0, 3]),
+        bad_words_ids=rng.choice([[], [[5, 6], [7]]]), stop_token_ids=[2], max_tokens=10_000, ignore_eos=True,
+    )
+
+
+def _assert_same_processing(batch: SamplingBatch, params, token_ids, num_prompt, vocab: int, seed: int) -> None:
+    stateless = SamplingBatch.build(
+        params, [list(ids) for ids in token_ids], num_prompt, [None] * len(params), CPU, vocab_size=vocab
+    )
+    logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(process_logits(logits, batch), process_logits(logits, stateless))
+
+
+def test_incremental_state_equals_the_stateless_build_over_a_long_generation():
+    """Per-request state kept across 1500 steps, with rows joining, leaving and changing places,
+    several tokens appended at once, released ids reused and long appended tails (rebuilds and
+    re-sorts of the repetition pairs): every step processes logits exactly as a fresh build."""
+    from tokenloom.sampling.sampler import SamplingState
+
+    rng = random.Random(0)
+    vocab = 3000
+    state = SamplingState(CPU)
+    live: dict[str, tuple[SamplingParams, list[int], int]] = {}
+    next_id = 0
+    for step in range(1500):
+        while len(live) < 6:
+            rid = f"r{next_id % 9}"  # ids come back after release
+            if rid in live:
+                next_id += 1
+                continue
+            next_id += 1
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+            live[rid] = (_history_params(rng, next_id), prompt, len(prompt))
+        ids = list(live)
+        if step % 50 == 0:
+            rng.shuffle(ids)
+        rows = [live[rid] for rid in ids]
+        params, token_ids, num_prompt = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        batch = SamplingBatch.build(params, token_ids, num_prompt, [None] * len(params), CPU, vocab_size=vocab,
+                                    state=state, request_ids=ids)
+        _assert_same_processing(batch, params, token_ids, num_prompt, vocab, step)
+        for tokens in token_ids:  # mostly one token; sometimes several, from a small or a large range
+            high = rng.choice([vocab, 12])
+            tokens.extend(rng.randrange(high) for _ in range(rng.choice([1, 1, 1, 3])))
+        if rng.random() < 0.02:
+            done = rng.choice(ids)
+            del live[done]
+            state.release(done)
+            assert done not in state
+
+
+def test_incremental_state_survives_preemption_in_the_engine(tmp_path, monkeypatch):
+    """A tiny engine with few KV blocks preempts and recomputes sequences; at every step the state
+    the runner keeps processes logits exactly as a stateless build from the token lists, and a
+    request id used again after release starts from fresh state."""
+    from tokenloom import AutoModelForCausalLM, EngineConfig
+    from tokenloom.engine import model_runner
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, eos_token_id=2, pad_token_id=0,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), engine_config=EngineConfig(block_size=2, num_kv_blocks=60))
+    engine = model.engine
+    num_checked = 0
+
+    class CheckedBatch(SamplingBatch):
+        @classmethod
+        def build(cls, params, token_ids, num_prompt_tokens, generators, device, vocab_size=None, state=None,
+                  request_ids=None):
+            nonlocal num_checked
+            assert state is not None and request_ids is not None
+            batch = SamplingBatch.build(params, token_ids, num_prompt_tokens, generators, device, vocab_size,
+                                        state=state, request_ids=request_ids)
+            _assert_same_processing(batch, params, token_ids, num_prompt_tokens, vocab_size, num_checked)
+            num_checked += 1
+            return batch
+
+    monkeypatch.setattr(model_runner, "SamplingBatch", CheckedBatch)
+    rng = random.Random(1)
+    preempted = 0
+    for round_ in range(2):  # the second round reuses the first round's request ids
+        for i in range(4):
+            prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 12))]
+            params = _history_params(rng, i + 10 * round_)
+            params.max_tokens = rng.randint(40, 70)
+            engine.add_request(prompt, params, request_id=f"req{i}", detokenize=False)
+        while engine.has_unfinished():
+            out = engine.scheduler.schedule()
+            preempted += len(out.preempted)
+            result = engine.runner.step(out)
+            for seq in engine.scheduler.update(out, result.sampled_token_ids):
+                if seq.is_finished:
+                    engine._release(seq)
+        assert not any(f"req{i}" in engine.runner._sampling_state for i in range(4))
+    assert preempted > 0 and num_checked > 100

@@ -3,6 +3,7 @@ tokens become tensors."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -10,9 +11,17 @@ import torch
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.engine.scheduler import SchedulerOutput
+from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
 from tokenloom.outputs import TokenLogprob
-from tokenloom.sampling.sampler import SamplingBatch, process_logits, sample_processed, token_logprobs
+from tokenloom.sampling.beam import BeamSettings, BeamState, beam_log_probs, select_beams
+from tokenloom.sampling.sampler import (
+    SamplingBatch,
+    SamplingState,
+    process_logits,
+    sample_processed,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -28,12 +37,32 @@ class StepResult:
     logits: list[torch.Tensor | None] = field(default_factory=list)  # raw, [vocab]
 
 
+@dataclass
+class BeamStepResult:
+    """One beam-search step, one entry per prompt row (see `tokenloom.sampling.beam.BeamChoice`),
+    brought to Python in one transfer. `state` holds only the rows that search on. scores / logits
+    (when asked for): per prompt row the processed log-probabilities / raw float32 logits of its beams,
+    [num_beams, vocab] each, as transformers records them."""
+
+    parents: list[list[int]]
+    tokens: list[list[int]]
+    next_beams: list[list[int]]
+    finished_slots: list[list[int]]
+    finished_scores: list[list[float]]
+    keep: list[bool]
+    state: BeamState
+    scores: list[torch.Tensor] | None = None
+    logits: list[torch.Tensor] | None = None
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
+        # per-request processor state (seen ids, counts, n-gram tables) kept across steps
+        self._sampling_state = SamplingState(device)
 
     @property
     def block_size(self) -> int:
@@ -46,6 +75,7 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._sampling_state.release(request_id)
 
     @torch.inference_mode()
     def forward_hidden(self, out: SchedulerOutput) -> torch.Tensor:
@@ -91,6 +121,8 @@ class ModelRunner:
             [None if p.is_greedy else self._generators.get(s.request_id) for p, s in zip(params, sampling)],
             self.device,
             vocab_size=logits.shape[-1],
+            state=self._sampling_state,
+            request_ids=[s.request_id for s in sampling],
         )
         processed = process_logits(logits, batch)
         ids = sample_processed(processed, batch)
@@ -112,3 +144,67 @@ class ModelRunner:
         hidden = self.forward_hidden(out)
         logits = self.model.compute_logits(hidden)
         return list(logits.split([s.num_new_tokens for s in out.scheduled]))
+
+    @torch.inference_mode()
+    def start_beams(self, max_new: list[int], stop_token_ids: list[int], num_beams: int) -> BeamState:
+        """The beam-search state for prompts with these token limits (one row each)."""
+        return BeamState.start(
+            torch.tensor(max_new, dtype=torch.long, device=self.device),
+            torch.tensor(stop_token_ids, dtype=torch.long, device=self.device),
+            num_beams,
+        )
+
+    @torch.inference_mode()
+    def beam_step(
+        self,
+        chunks: list[SchedulerOutput],
+        beams: list[Sequence],
+        state: BeamState,
+        settings: BeamSettings,
+        block_copies: tuple[list[int], list[int]] = ([], []),
+        repeat: int = 1,
+        output_scores: bool = False,
+        output_logits: bool = False,
+    ) -> BeamStepResult:
+        """One beam-search step: copy the blocks (copy-on-write sources -> targets), run the model over
+        each chunk, take the logits of every scheduled sequence's last token (each repeated `repeat`
+        times: a prompt's first logits serve all its beams), score them with the processors of `beams`
+        (one per row, a prompt's beams adjacent) and select as transformers does."""
+        self.kv_cache.copy_blocks(*block_copies)
+        last_logits = []
+        for out in chunks:
+            hidden = self.forward_hidden(out)  # [num_tokens, hidden]
+            ends = list(itertools.accumulate(item.num_new_tokens for item in out.scheduled))
+            last_logits.append(self.model.compute_logits(hidden[torch.tensor(ends, device=self.device) - 1]))
+        logits = torch.cat(last_logits).float()  # [num_beams_total, vocab]
+        if repeat > 1:
+            logits = logits.repeat_interleave(repeat, dim=0)
+        batch = SamplingBatch.build(
+            [seq.params for seq in beams],
+            [seq.token_ids for seq in beams],
+            [seq.num_prompt_tokens for seq in beams],
+            [None] * len(beams),
+            self.device,
+            vocab_size=logits.shape[-1],
+        )
+        log_probs = beam_log_probs(logits, batch)  # [rows * num_beams, vocab]
+        state, choice = select_beams(log_probs, state, settings)
+        packed = choice.packed().tolist()  # the step's one transfer
+        k, nb = settings.beams_to_keep, settings.num_beams
+        a, b, c, d, e = itertools.accumulate((k, k, nb, nb, nb))  # column bounds in `packed`
+        result = BeamStepResult(
+            parents=[[int(x) for x in row[:a]] for row in packed],
+            tokens=[[int(x) for x in row[a:b]] for row in packed],
+            next_beams=[[int(x) for x in row[b:c]] for row in packed],
+            finished_slots=[[int(x) for x in row[c:d]] for row in packed],
+            finished_scores=[row[d:e] for row in packed],
+            keep=[bool(row[e]) for row in packed],
+            state=state,
+        )
+        if not all(result.keep):
+            result.state = state.keep_rows(choice.keep)
+        if output_scores:
+            result.scores = list(log_probs.split(nb))
+        if output_logits:
+            result.logits = list(logits.split(nb))
+        return result

@@ -1,5 +1,7 @@
 """Turns logits into token ids (L1t). A pure function of logits and per-row tensors built once per
 step; the only per-row Python work is one uniform draw from each sampling row's own generator.
+The model runner keeps a `SamplingState` across steps (per-request histories, the batch's parameter
+tensors), so that building a step's batch costs O(new tokens), not O(history).
 
 Order, as transformers' `_get_logits_processor`: sequence bias, repetition penalty, (presence and
 frequency penalties, OpenAI/vLLM, which transformers lacks), no-repeat n-grams, bad words,
@@ -12,7 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -37,10 +38,11 @@ from tokenloom.sampling.processors import (
     ngram_bans_for_row,
     sequence_bias_for_row,
 )
+from tokenloom.sampling.state import SamplingState, concat_pairs, in_vocab, row_settings, wide_float
 from tokenloom.sampling_params import SamplingParams
 
 __all__ = [
-    "SamplingBatch", "apply_top_k", "apply_top_p", "process_logits", "sample", "sample_processed", "token_logprobs",
+    "SamplingBatch", "SamplingState", "apply_top_k", "apply_top_p", "process_logits", "sample", "sample_processed", "token_logprobs",
 ]
 
 
@@ -74,6 +76,8 @@ class SamplingBatch:
     renormalize: torch.Tensor | None = None  # [rows] bool, None when no row or every row renormalizes
     all_renormalize: bool = False
 
+    sample_rows: torch.Tensor | None = None  # [n] long: the rows with a generator, when known up front
+
     @classmethod
     def build(
         cls,
@@ -83,73 +87,70 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         device: torch.device,
         vocab_size: int | None = None,
+        state: SamplingState | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> SamplingBatch:
         """params, token_ids (prompt + generated so far), num_prompt_tokens and generators: one entry
-        per row. Ids >= vocab_size in the parameters are ignored (the model cannot produce them)."""
+        per row. Ids >= vocab_size in the parameters are ignored (the model cannot produce them).
+
+        Without `state` everything is computed from the token lists (O(history) per row). With a
+        `state` (and each row's request id) the history-derived parts come from per-request state
+        kept across steps and the per-row parameter tensors are reused while the batch's settings
+        do not change: O(new tokens) per step."""
+        histories = state.histories(request_ids, params, token_ids, num_prompt_tokens) if state else None
+        is_in_vocab = in_vocab(vocab_size)
         bias, seen, counts, banned = PairCollector(), PairCollector(), PairCollector(), PairCollector()
+        seen_parts: list[tuple[int, torch.Tensor, float]] = []  # (row, ids, penalty) from histories
+        count_parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, ids, counts)
         for row, (p, ids, num_prompt) in enumerate(zip(params, token_ids, num_prompt_tokens)):
             num_output = len(ids) - num_prompt
+            history = histories[row] if histories is not None else None
             if p.sequence_bias:
-                row_bias = sequence_bias_for_row(ids, p.sequence_bias)
+                row_bias = {t: b for t, b in sequence_bias_for_row(ids, p.sequence_bias).items() if is_in_vocab(t)}
                 bias.add(row, list(row_bias), list(row_bias.values()))
+            # ids of the history are always in the vocabulary: no range filter for them
             if p.repetition_penalty != 1.0:
-                unique = list(set(ids))
-                seen.add(row, unique, [p.repetition_penalty] * len(unique))
+                if history is not None:
+                    seen_parts.append((row, history.seen_ids.view(), p.repetition_penalty))
+                else:
+                    unique = list(set(ids))
+                    seen.add(row, unique, [p.repetition_penalty] * len(unique))
             if p.presence_penalty or p.frequency_penalty:
-                generated = Counter(ids[num_prompt:])
-                counts.add(row, list(generated), [float(c) for c in generated.values()])
-            bans: set[int] = set(p.suppress_tokens)
-            if p.no_repeat_ngram_size:
-                bans |= ngram_bans_for_row(ids, p.no_repeat_ngram_size)
+                if history is not None:
+                    if history.count_ids.size:
+                        count_parts.append((row, history.count_ids.view(), history.count_values.view()))
+                else:
+                    generated = Counter(ids[num_prompt:])
+                    counts.add(row, list(generated), [float(c) for c in generated.values()])
+            bans: set[int] = {t for t in p.suppress_tokens if is_in_vocab(t)}
             if p.bad_words_ids:
-                bans |= bad_words_for_row(ids, p.bad_words_ids, p.stop_token_ids)
+                bans |= {t for t in bad_words_for_row(ids, p.bad_words_ids, p.stop_token_ids) if is_in_vocab(t)}
             if num_output < p.min_tokens and not p.ignore_eos:
-                bans.update(p.stop_token_ids)
+                bans.update(t for t in p.stop_token_ids if is_in_vocab(t))
             if num_output == 0:
-                bans.update(p.begin_suppress_tokens)
+                bans.update(t for t in p.begin_suppress_tokens if is_in_vocab(t))
+            if p.no_repeat_ngram_size:
+                bans |= history.ngram_bans() if history is not None else ngram_bans_for_row(ids, p.no_repeat_ngram_size)
             if bans:
                 banned.add(row, sorted(bans))
 
-        greedy = [p.is_greedy for p in params]
-
-        def warper(values: list[Any], neutral: Any, dtype: torch.dtype) -> RowValues | None:
-            active = [row for row, (v, g) in enumerate(zip(values, greedy)) if not g and v != neutral]
-            if not active:
-                return None
-            rows = None if len(active) == len(values) else torch.tensor(active, dtype=torch.long, device=device)
-            return RowValues(torch.tensor([values[row] for row in active], dtype=dtype, device=device), rows)
-
-        f32 = torch.float32
+        fields = state.row_settings(params, generators) if state else row_settings(params, generators, device)
+        repetition = seen.build(device)
+        if seen_parts:
+            repetition = state.repetition_pairs(request_ids, seen_parts, histories)  # type: ignore[union-attr,arg-type]
         counts_pairs = counts.build(device)
-        renormalize = [p.renormalize_logits for p in params]
+        if count_parts:
+            counts_pairs = concat_pairs(counts_pairs, count_parts, device)
         return cls(
-            all_greedy=all(greedy),
             generators=generators,
-            sequence_bias=bias.build(device, vocab_size),
-            repetition=seen.build(device, vocab_size),
+            sequence_bias=bias.build(device),
+            repetition=repetition,
             generated_counts=counts_pairs,
-            frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=f32, device=device)
-            if counts_pairs is not None
-            else None,
-            presence_penalty=torch.tensor([p.presence_penalty for p in params], dtype=f32, device=device)
-            if counts_pairs is not None
-            else None,
-            banned=banned.build(device, vocab_size),
-            temperature=warper([p.temperature for p in params], 1.0, f32),
-            top_k=warper([p.top_k for p in params], 0, torch.long),
-            max_top_k=max((p.top_k for p, g in zip(params, greedy) if not g), default=0),
-            top_p=warper([p.top_p for p in params], 1.0, _wide_float(device)),
-            min_p=warper([p.min_p for p in params], 0.0, f32),
-            typical_p=warper([p.typical_p for p in params], 1.0, f32),
-            epsilon_cutoff=warper([p.epsilon_cutoff for p in params], 0.0, f32),
-            eta_cutoff=warper([p.eta_cutoff for p in params], 0.0, f32),
-            renormalize=torch.tensor(renormalize, device=device) if any(renormalize) and not all(renormalize) else None,
-            all_renormalize=bool(renormalize) and all(renormalize),
+            frequency_penalty=fields.frequency_penalty if counts_pairs is not None else None,
+            presence_penalty=fields.presence_penalty if counts_pairs is not None else None,
+            banned=banned.build(device),
+            **fields.warpers,
         )
-
-
-def _wide_float(device: torch.device) -> torch.dtype:
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -195,11 +196,12 @@ def sample_processed(processed: torch.Tensor, batch: SamplingBatch) -> torch.Ten
     if not rows:
         return ids
     device = processed.device
-    dtype = _wide_float(device)
+    dtype = wide_float(device)
+    # one draw from each row's own generator: the row's stream must not depend on the batch
     uniform = torch.stack(
         [torch.rand((), generator=batch.generators[row], dtype=dtype, device=device) for row in rows]
     )  # [n]
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    index = batch.sample_rows if batch.sample_rows is not None else torch.tensor(rows, dtype=torch.long, device=device)
     cdf = processed[index].softmax(dim=-1).to(dtype).cumsum(dim=-1)  # [n, vocab]
     total = cdf[:, -1:]
     # strictly below the total, so the token found has a probability > 0
@@ -227,11 +229,19 @@ def token_logprobs(
     chosen_ids = token_ids[index]
     chosen = logprobs.gather(1, chosen_ids[:, None])[:, 0]
     max_k = min(max(num_top[row] for row in wanted), logprobs.shape[-1])
-    top = logprobs.topk(max_k, dim=-1) if max_k else None
-    chosen_ids_l, chosen_l = chosen_ids.tolist(), chosen.tolist()
-    top_ids = top.indices.tolist() if top is not None else [[] for _ in wanted]
-    top_values = top.values.tolist() if top is not None else [[] for _ in wanted]
+    # one device-to-host transfer: float64 holds every id and every float32 logprob exactly (MPS has
+    # no float64; its float32 still holds ids below 2**24)
+    wide = wide_float(logits.device)
+    parts = [chosen_ids[:, None].to(wide), chosen[:, None].to(wide)]  # [n, 1] each
+    if max_k:
+        top = logprobs.topk(max_k, dim=-1)
+        parts += [top.indices.to(wide), top.values.to(wide)]  # [n, max_k] each
+    table = torch.cat(parts, dim=1).tolist()  # [n, 2 + 2 * max_k]
     for i, row in enumerate(wanted):
         k = num_top[row]
-        result[row] = TokenLogprob(chosen_ids_l[i], chosen_l[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+        line = table[i]
+        top_ids, top_values = line[2 : 2 + max_k], line[2 + max_k :]
+        result[row] = TokenLogprob(
+            int(line[0]), line[1], [(int(t), v) for t, v in zip(top_ids[:k], top_values[:k])]
+        )
     return result
