@@ -4,6 +4,7 @@ shared between beams (fork and copy-on-write), and parameter validation."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from tokenloom.cache.block_manager import BlockManager
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.engine.beam_search import BeamSearchParams, beam_search
 from tokenloom.engine.sequence import FREED_BLOCK, Sequence
+from tokenloom.sampling.beam import BeamSettings, BeamState, beam_log_probs, select_beams
+from tokenloom.sampling.sampler import SamplingBatch
 
 transformers = pytest.importorskip("transformers")
 
@@ -310,6 +313,147 @@ def test_a_pool_too_small_for_the_beams_is_a_clear_error(tiny, tmp_path):
 def test_bad_parameters_are_rejected(field, value, message):
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**{"num_beams": 4, "max_tokens": 16, field: value})
+
+
+# ---- per-step scores, logits and beam_indices (compat generate, return_dict_in_generate) ----------
+
+
+def _beam_outputs(model, ids, mask, ours: bool, **kwargs):
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True, **kwargs)
+    if ours:
+        return model.generate(ids, attention_mask=mask, **kwargs)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, **kwargs)
+
+
+def _assert_steps_equal(got, ref, live_steps: list[int], num_beams: int, tolerance: float) -> None:
+    """Per step, each prompt's block of num_beams rows equals transformers' while that prompt searches
+    (the -inf entries where a processor banned a token included), and holds zeros after it ended
+    (transformers runs a finished prompt's beams on with the batch; tokenloom drops it)."""
+    assert len(got) == len(ref) == max(live_steps)
+    for t, (g, r) in enumerate(zip(got, ref)):
+        assert g.shape == r.shape and g.dtype == torch.float32
+        for p, live in enumerate(live_steps):
+            rows = slice(p * num_beams, (p + 1) * num_beams)
+            if t >= live:
+                assert not g[rows].any(), (t, p)
+                continue
+            finite = torch.isfinite(r[rows])
+            assert torch.equal(finite, torch.isfinite(g[rows])), (t, p)
+            assert (g[rows][finite] - r[rows][finite]).abs().max().item() <= tolerance, (t, p)
+
+
+def _live_steps(got, batch: int, num_beams: int) -> list[int]:
+    return [
+        sum(bool(step[p * num_beams : (p + 1) * num_beams].any()) for step in got.scores) for p in range(batch)
+    ]
+
+
+BEAM_OUTPUT_CASES = [
+    # num_beams, num_return_sequences, length_penalty, early_stopping, extra processors, a prompt of the
+    # batch ends before the other
+    (3, 2, 1.0, False, {"repetition_penalty": 1.3}, True),
+    (4, 3, 0.7, True, {"bad_words_ids": [[24], [75, 92]]}, False),
+]
+# (no_repeat_ngram_size is left out: transformers counts the left padding of a batch into the n-grams.)
+
+
+@pytest.mark.parametrize("case", BEAM_OUTPUT_CASES, ids=[str(c[:4]) for c in BEAM_OUTPUT_CASES])
+def test_tiny_llama_beam_scores_logits_and_indices_match_transformers(tiny, case):
+    """One prompt alone, then a left-padded batch of two whose prompts end at different steps."""
+    ref, ours = tiny
+    num_beams, num_return, length_penalty, early_stopping, extra, ends_early = case
+    kwargs = dict(
+        num_beams=num_beams, num_return_sequences=num_return, length_penalty=length_penalty,
+        early_stopping=early_stopping, max_new_tokens=14, eos_token_id=TINY_EOS, pad_token_id=0, **extra,
+    )
+    ended_early = False
+    for prompts in ([[1, 5, 9, 33, 7]], [[3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 40, 41, 42]]):
+        ids = torch.tensor(prompts)
+        mask = (ids != 0).long()
+        expected = _beam_outputs(ref, ids, mask, ours=False, **kwargs)
+        got = _beam_outputs(ours, ids, mask, ours=True, **kwargs)
+        assert list(got.keys()) == [k for k in expected.keys() if k != "past_key_values" and k != "cache"]
+        assert torch.equal(got.sequences, expected.sequences)
+        assert torch.allclose(got.sequences_scores, expected.sequences_scores, atol=SCORE_TOLERANCE)
+        assert got.beam_indices.dtype == expected.beam_indices.dtype
+        assert torch.equal(got.beam_indices, expected.beam_indices)
+        live = _live_steps(got, len(prompts), num_beams)
+        ended_early |= min(live) < max(live)
+        _assert_steps_equal(got.scores, expected.scores, live, num_beams, SCORE_TOLERANCE)
+        _assert_steps_equal(got.logits, expected.logits, live, num_beams, SCORE_TOLERANCE)
+    assert ended_early == ends_early  # the zero-filled steps were exercised
+
+
+def test_beam_outputs_only_when_asked(tiny):
+    """As transformers: without output_scores no sequences_scores, beam_indices always with beams, and
+    without return_dict_in_generate just the sequences."""
+    ref, ours = tiny
+    ids = torch.tensor([[1, 5, 9, 33, 7]])
+    kwargs = dict(num_beams=2, max_new_tokens=6, eos_token_id=TINY_EOS, pad_token_id=0, do_sample=False)
+    got = ours.generate(ids, return_dict_in_generate=True, **kwargs)
+    with torch.no_grad():
+        expected = ref.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert list(got.keys()) == ["sequences", "beam_indices"]
+    assert expected.sequences_scores is None and expected.scores is None
+    assert torch.equal(got.beam_indices, expected.beam_indices)
+    assert torch.equal(ours.generate(ids, output_scores=True, **kwargs), got.sequences)
+    params = BeamSearchParams(num_beams=2, max_tokens=6, stop_token_ids=TINY_EOS)
+    (hyp,) = beam_search(ours.engine, [[1, 5, 9, 33, 7]], params)[0]
+    assert hyp.step_scores is None and hyp.step_logits is None
+    assert len(hyp.beam_indices) == len(hyp.token_ids)
+
+
+def test_beam_step_scores_of_the_library_api(tiny):
+    """beam_search with output_scores / output_logits: per step [num_beams, vocab], one list shared by
+    a prompt's hypotheses; the chosen tokens' processed log-probabilities add up to the hypothesis'
+    score (length penalty 1, so score * length is the sum)."""
+    _, ours = tiny
+    params = BeamSearchParams(
+        num_beams=3, num_return_sequences=3, max_tokens=10, stop_token_ids=TINY_EOS, output_scores=True,
+        output_logits=True,
+    )
+    hyps = beam_search(ours.engine, [[1, 5, 9, 33, 7], [60, 61]], params)
+    for per_prompt in hyps:
+        assert all(h.step_scores is per_prompt[0].step_scores for h in per_prompt)
+        for h in per_prompt:
+            assert len(h.step_scores) == len(h.step_logits) >= len(h.token_ids)
+            assert h.step_scores[0].shape == (3, 97)
+            total = sum(h.step_scores[t][beam, token].item() for t, (beam, token) in
+                        enumerate(zip(h.beam_indices, h.token_ids)))
+            assert total / len(h.token_ids) == pytest.approx(h.score, abs=1e-4)
+    with pytest.raises(ValueError, match="output_scores must be True or False, got 1"):
+        BeamSearchParams(output_scores=1)
+
+
+# ---- the tensor layer: scoring and selection on hand-built distributions ---------------------------
+
+
+def test_select_beams_on_a_hand_built_distribution():
+    """Two prompts, two beams, vocab 4, stop id 3. Prompt 0 at step 0 (only beam 0 may extend): its best
+    candidate is the stop id, a hypothesis scored log p / 1; the next two run on. Prompt 1 at its limit
+    (max_new 1): every candidate stops, the prompt is done."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 2 + [[0.2, 0.3, 0.4, 0.1]] * 2)  # [2 prompts * 2 beams, 4]
+    state = BeamState.start(torch.tensor([5, 1]), torch.tensor([3]), num_beams=2)
+    settings = BeamSettings(num_beams=2, beams_to_keep=4, length_penalty=1.0, early_stopping=False)
+    state, choice = select_beams(probs.log(), state, settings)
+    assert choice.parents[0].tolist() == [0, 0, 0, 0]  # beam 1 starts dead
+    assert choice.tokens.tolist() == [[3, 2, 1, 0], [2, 1, 0, 3]]
+    assert choice.next_beams[0].tolist() == [1, 2]  # candidates 1 and 2 (tokens 2, 1) run on
+    assert state.running_scores[0].tolist() == pytest.approx([math.log(0.3), math.log(0.2)])
+    assert choice.finished_slots[0, 0].item() == 2  # candidate 0 (2 finished slots come first)
+    assert choice.finished_scores[0, 0].item() == pytest.approx(math.log(0.4))
+    assert choice.keep.tolist() == [True, False]
+    assert state.keep_rows(choice.keep).running_scores.shape == (1, 2) and state.step == 1
+    packed = choice.packed()
+    assert packed.shape == (2, 2 * 4 + 3 * 2 + 1) and packed.dtype == torch.float64
+    # the processors act on log-probabilities: a banned token is -inf after the log-softmax
+    batch = SamplingBatch.build(
+        [SamplingParams(bad_words_ids=[[1]])] * 2, [[5, 6]] * 2, [2, 2], [None, None], torch.device("cpu"), 4
+    )
+    scores = beam_log_probs(torch.zeros(2, 4), batch)
+    assert scores[:, 1].tolist() == [float("-inf")] * 2
+    assert scores[:, 0].tolist() == pytest.approx([math.log(0.25)] * 2)
 
 
 # ---- the pure layer: fork, copy-on-write, free ------------------------------------------------

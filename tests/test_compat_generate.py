@@ -475,7 +475,8 @@ def test_batch_streamer_gets_each_output_row(ours, hf):
     out = ours.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=True, num_return_sequences=2,
                         streamer=streamer)
     assert streamer.ended == 1 and len(streamer.puts) == 1
-    assert torch.equal(streamer.puts[0], enc.input_ids)  # the prompt batch, once
+    # the prompt once, one row per output row (each input row num_return_sequences times)
+    assert torch.equal(streamer.puts[0], enc.input_ids.repeat_interleave(2, 0))
     width = enc.input_ids.shape[1]
     assert out.shape == (4, width + 5)
     assert streamer.rows == {row: out[row, width:].tolist() for row in range(4)}

@@ -234,11 +234,18 @@ def test_num_return_sequences_with_beams_equals_transformers(ours, hf):
               padding_side="left")
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
     ref = hf_generate(hf_model, **enc, **kwargs, return_dict_in_generate=True, output_scores=True)
-    got = ours.generate(**enc, **kwargs, return_dict_in_generate=True)
+    got = ours.generate(**enc, **kwargs, return_dict_in_generate=True, output_scores=True)
     assert got.sequences.shape == ref.sequences.shape == (4, enc.input_ids.shape[1] + 6)
     assert torch.equal(got.sequences, ref.sequences)
     assert torch.allclose(got.sequences_scores, ref.sequences_scores, atol=1e-3)
     assert torch.equal(ours.generate(**enc, **kwargs), ref.sequences)
+    # per step the processed log-probabilities of all 2 * 3 beams, and the beam each token extended
+    assert list(got.keys()) == ["sequences", "sequences_scores", "scores", "beam_indices"]
+    assert len(got.scores) == len(ref.scores) == 6 and got.scores[0].shape == ref.scores[0].shape == (6, 49152)
+    assert max((g - r).abs().max().item() for g, r in zip(got.scores, ref.scores)) <= 1e-4
+    assert torch.equal(got.beam_indices, ref.beam_indices)
+    plain = ours.generate(**enc, **kwargs, return_dict_in_generate=True)
+    assert list(plain.keys()) == ["sequences", "beam_indices"]  # as transformers without output_scores
 
 
 def test_num_return_sequences_with_sampling_shapes_and_order(ours, hf):

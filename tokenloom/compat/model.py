@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from tokenloom.compat.generate_output import GenerateOutput, RowResult, per_step
+from tokenloom.compat.generate_output import (
+    GenerateOutput,
+    RowResult,
+    beam_indices_tensor,
+    per_beam_step,
+    per_step,
+)
 from tokenloom.compat.generation_config import GenerationConfig
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
@@ -119,7 +125,7 @@ class TokenloomForCausalLM:
     ) -> torch.Tensor | GenerateOutput:
         """transformers' generate(): prompt + new tokens, [batch * num_return_sequences, width + new],
         each input row repeated num_return_sequences times in a row. With return_dict_in_generate=True,
-        a GenerateOutput (sequences, scores, logits, sequences_scores for beams).
+        a GenerateOutput (sequences, scores, logits; sequences_scores and beam_indices for beams).
 
         `tokenizer` is accepted as in transformers (which needs it for stop_strings); the model's own
         tokenizer serves when it is not given."""
@@ -138,18 +144,43 @@ class TokenloomForCausalLM:
         results = self.generate_rows(rows, plan, streamer=streamer, prompt_ids=input_ids)
         warn_if_default_length(plan, [(len(r.token_ids), r.finish_reason) for r in results], stacklevel=2)
         n = plan.num_return_sequences
+        fill = config.pad_token_id
+        if plan.is_beam_search and not fill and config.eos_token_ids:
+            fill = config.eos_token_ids[0]  # transformers' beam search fills with `pad or eos[0]`
         sequences = _repad(
             input_ids.repeat_interleave(n, dim=0), attention_mask.repeat_interleave(n, dim=0),
-            [r.token_ids for r in results], config.pad_token_id,
+            [r.token_ids for r in results], fill,
         )
         if not plan.return_dict_in_generate:
             return sequences
         vocab = self.model.config.vocab_size
+        if plan.is_beam_search:
+            return self._beam_output(sequences, results, plan, vocab)
         return GenerateOutput(
             sequences=sequences,
             scores=per_step([r.scores for r in results], vocab) if plan.sampling.output_scores else None,
             logits=per_step([r.logits for r in results], vocab) if plan.sampling.output_logits else None,
-            sequences_scores=torch.tensor([r.score for r in results]) if plan.is_beam_search else None,
+        )
+
+    @staticmethod
+    def _beam_output(
+        sequences: torch.Tensor, results: list[RowResult], plan: DecodingPlan, vocab: int
+    ) -> GenerateOutput:
+        """transformers' GenerateBeamDecoderOnlyOutput: per step the scores/logits of every beam of every
+        prompt ([batch * num_beams, vocab]), sequences_scores only with output_scores, and beam_indices
+        (the flat beam row, prompt * num_beams + beam, each token extended)."""
+        n, nb, sampling = plan.num_return_sequences, plan.num_beams, plan.sampling
+        first_of_prompt = results[::n]  # a prompt's hypotheses share its per-step tensors
+        return GenerateOutput(
+            sequences=sequences,
+            sequences_scores=torch.tensor([r.score for r in results]) if sampling.output_scores else None,
+            scores=per_beam_step([r.beam_scores or [] for r in first_of_prompt], nb, vocab)
+            if sampling.output_scores else None,
+            logits=per_beam_step([r.beam_logits or [] for r in first_of_prompt], nb, vocab)
+            if sampling.output_logits else None,
+            beam_indices=beam_indices_tensor(
+                [[b + (i // n) * nb for b in r.beam_indices or []] for i, r in enumerate(results)]
+            ),
         )
 
     def generate_rows(
@@ -214,10 +245,15 @@ class TokenloomForCausalLM:
             min_tokens=params.min_tokens,
             stop_token_ids=params.stop_token_ids,
             sampling_params=params,
+            output_scores=params.output_scores,
+            output_logits=params.output_logits,
         )
         hypotheses = beam_search(self.engine, rows, beam_params) if rows else []
         return [
-            RowResult(list(h.token_ids), h.finish_reason, score=float(h.score))
+            RowResult(
+                list(h.token_ids), h.finish_reason, score=float(h.score), beam_indices=list(h.beam_indices),
+                beam_scores=h.step_scores, beam_logits=h.step_logits,
+            )
             for per_prompt in hypotheses
             for h in per_prompt[: plan.num_return_sequences]
         ]

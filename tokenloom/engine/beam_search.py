@@ -5,7 +5,9 @@ of the raw logits, the logits processors on those log-probabilities, plus the ru
 the top `max(2, 1 + num_eos) * num_beams` candidates over `num_beams * vocab`, candidates that hit
 EOS or the length limit become finished hypotheses when they rank among the first `num_beams`,
 scored `sum_logprobs / generated_len ** length_penalty` (the EOS token counted), and the early
-stopping heuristic decides when a prompt is done.
+stopping heuristic decides when a prompt is done. That tensor math is `tokenloom.sampling.beam`
+(L1t), run by `ModelRunner.beam_step` (L4) with the model forward and the block copies; this module
+keeps the Python side: which beam continues which, the blocks (fork, copy-on-write) and hypotheses.
 
 The KV cache is the engine's: each beam is a `Sequence` whose block table is forked from the beam
 it continues, so beams share their common prefix block by block; a block about to be written while
@@ -19,19 +21,18 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from tokenloom.engine.scheduler import ScheduledSequence, SchedulerOutput
 from tokenloom.engine.sequence import Sequence
-from tokenloom.sampling.sampler import SamplingBatch, process_logits
+from tokenloom.sampling.beam import BeamSettings, BeamState
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from tokenloom.engine.engine import Engine
+    import torch
 
-_DEAD = -1.0e9  # transformers' "very large negative" score for beams that may not be chosen
+    from tokenloom.engine.engine import Engine
+    from tokenloom.engine.model_runner import BeamStepResult
 
 
 @dataclass
@@ -47,6 +48,8 @@ class BeamSearchParams:
     stop_token_ids [eos_token_id]. sampling_params: the logits processors to apply
     (repetition_penalty, no_repeat_ngram_size, bad_words_ids, ...); its temperature, top-k/top-p,
     token limits and stop ids are ignored (beam search is greedy, the limits are the fields above).
+    output_scores [output_scores] / output_logits [output_logits]: keep, per step, the processed
+    log-probabilities / raw logits of every beam (BeamHypothesis.step_scores / step_logits).
     """
 
     num_beams: int = 4
@@ -57,6 +60,8 @@ class BeamSearchParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    output_scores: bool = False
+    output_logits: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_beams", self.num_beams, ">= 1", lambda v: v >= 1)
@@ -82,6 +87,9 @@ class BeamSearchParams:
             raise ValueError(
                 f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}"
             )
+        for name in ("output_scores", "output_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _check_int(name: str, value: object, allowed: str, ok: Callable[[int], bool]) -> None:
@@ -93,11 +101,20 @@ def _check_int(name: str, value: object, allowed: str, ok: Callable[[int], bool]
 class BeamHypothesis:
     """One finished beam: the generated token ids (the prompt excluded, a final stop id included),
     its score as transformers reports it in `sequences_scores` (length-penalized sum of
-    log-probabilities), and why it ended ("eos" or "length")."""
+    log-probabilities), and why it ended ("eos" or "length").
+
+    beam_indices: per generated token, the running beam (0 .. num_beams - 1) it extended, as
+    transformers' `beam_indices` without the batch offset. step_scores / step_logits (with
+    BeamSearchParams.output_scores / output_logits): per step of its prompt's search, the processed
+    log-probabilities / raw logits of all that prompt's beams, float32 [num_beams, vocab] each (the
+    same list for every hypothesis of a prompt)."""
 
     token_ids: list[int]
     score: float
     finish_reason: str
+    beam_indices: list[int] = field(default_factory=list)
+    step_scores: list[torch.Tensor] | None = None
+    step_logits: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -108,7 +125,11 @@ class _Prompt:
     token_ids: list[int]
     max_new: int  # max_tokens, capped by the model's context length
     beams: list[Sequence] = field(default_factory=list)  # running beams, num_beams of them
+    paths: list[list[int]] = field(default_factory=list)  # per running beam, its beam indices so far
     finished: list[list[int]] = field(default_factory=list)  # generated ids per finished slot
+    finished_paths: list[list[int]] = field(default_factory=list)  # beam indices per finished slot
+    scores: list[torch.Tensor] = field(default_factory=list)  # per step [num_beams, vocab], if asked
+    logits: list[torch.Tensor] = field(default_factory=list)
 
 
 def beam_search(engine: Engine, prompts: list[list[int]], params: BeamSearchParams) -> list[list[BeamHypothesis]]:
@@ -134,9 +155,8 @@ def beam_search(engine: Engine, prompts: list[list[int]], params: BeamSearchPara
             )
         states.append(_Prompt(i, ids, min(params.max_tokens, room)))
     results: list[list[BeamHypothesis]] = [[] for _ in states]
-    with torch.inference_mode():
-        for group in _groups(engine, states, params.num_beams):
-            _BeamGroup(engine, group, params).run(results)
+    for group in _groups(engine, states, params.num_beams):
+        _BeamGroup(engine, group, params).run(results)
     return results
 
 
@@ -173,16 +193,22 @@ def _groups(engine: Engine, states: list[_Prompt], num_beams: int) -> list[list[
 
 
 class _BeamGroup:
-    """Prompts whose beams advance together, one model forward per step. Tensors hold one row per
-    prompt still running; rows are dropped as prompts finish."""
+    """Prompts whose beams advance together, one model forward per step; the runner's beam state holds
+    one row per prompt still running."""
 
     def __init__(self, engine: Engine, prompts: list[_Prompt], params: BeamSearchParams) -> None:
         self.engine = engine
+        self.runner = engine.runner
         self.manager = engine.block_manager
         self.params = params
         self.prompts = prompts
         self.num_beams = params.num_beams
-        self.beams_to_keep = max(2, 1 + len(params.stop_token_ids)) * params.num_beams
+        self.settings = BeamSettings(
+            num_beams=params.num_beams,
+            beams_to_keep=max(2, 1 + len(params.stop_token_ids)) * params.num_beams,
+            length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping,
+        )
         # Only temperature 0 keeps the sampler's processors free of temperature/top-k/top-p.
         self.sampling = dataclasses.replace(
             params.sampling_params, temperature=0.0, top_k=0, top_p=1.0, max_tokens=params.max_tokens,
@@ -208,131 +234,80 @@ class _BeamGroup:
                 self._free(seq)
 
     def _run(self, results: list[list[BeamHypothesis]]) -> None:
-        device = self.engine.device
         nb = self.num_beams
         active = list(self.prompts)
-        logits = self._prefill(active).repeat_interleave(nb, dim=0)  # every beam starts as the prompt
-        # transformers' state, one row per active prompt
-        running_scores = torch.zeros((len(active), nb), dtype=torch.float, device=device)
-        running_scores[:, 1:] = _DEAD  # only beam 0 may extend at the first step
-        finished_scores = torch.full((len(active), nb), _DEAD, dtype=torch.float, device=device)
-        is_finished = torch.zeros((len(active), nb), dtype=torch.bool, device=device)
-        improvable = torch.ones((len(active), 1), dtype=torch.bool, device=device)
-        top_mask = torch.arange(self.beams_to_keep, device=device) < nb
-        eos = torch.tensor(self.params.stop_token_ids, dtype=torch.long, device=device)
-        lp, early = self.params.length_penalty, self.params.early_stopping
-        step = 0  # tokens generated so far by every running beam
-        while active:
-            rows = len(active)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            log_probs = self._process(log_probs, active)  # [rows * nb, vocab]
-            vocab = log_probs.shape[-1]
-            log_probs = log_probs.view(rows, nb, vocab) + running_scores[:, :, None]
-            log_probs = log_probs.reshape(rows, nb * vocab)
-            topk_scores, topk_indices = torch.topk(log_probs, k=self.beams_to_keep)  # [rows, keep]
-            parents = (topk_indices // vocab).tolist()
-            tokens = topk_indices % vocab
-            max_new = torch.tensor([p.max_new for p in active], device=device)
-            hits = torch.isin(tokens, eos) | (step + 1 >= max_new)[:, None]  # stop id or length limit
-            tokens = tokens.tolist()
-
-            # the running beams of the next step: the best candidates that did not stop
-            running_all = topk_scores + hits.to(torch.float32) * _DEAD
-            next_indices = torch.topk(running_all, k=nb)[1]
-            running_scores = running_all.gather(1, next_indices)
-
-            # finished hypotheses: the stopped candidates among the first num_beams compete with the
-            # hypotheses kept so far (the same operations as transformers, for the same rounding)
-            just_finished = hits & top_mask[None, :]
-            candidate = topk_scores / ((step + 1) ** lp)
-            full = torch.all(is_finished, dim=-1, keepdim=True) & (early is True)
-            candidate += full.to(torch.float32) * _DEAD
-            candidate += (~improvable).to(torch.float32) * _DEAD
-            candidate += (~just_finished) * _DEAD
-            merged = torch.cat((finished_scores, candidate), dim=1)
-            chosen = torch.topk(merged, k=nb)[1]
-            finished_scores = merged.gather(1, chosen)
-            is_finished = torch.cat((is_finished, just_finished), dim=1).gather(1, chosen)
-            for row, prompt in enumerate(active):
-                prompt.finished = [
-                    prompt.finished[j] if j < nb
-                    else self._generated(prompt, parents[row][j - nb]) + [tokens[row][j - nb]]
-                    for j in chosen[row].tolist()
-                ]
-
-            step += 1
-            for row, prompt in enumerate(active):
-                best_len = prompt.max_new if early == "never" and lp > 0.0 else step
-                best_possible = running_scores[row, :1] / (best_len**lp)
-                worst = torch.where(is_finished[row], torch.min(finished_scores[row]), _DEAD)
-                improvable[row] &= torch.any(best_possible > worst)
-            exists_open = ~(torch.all(is_finished, dim=-1) & (early is True))
-            can_continue = ~torch.all(hits, dim=-1)
-            keep = (improvable[:, 0] & exists_open & can_continue).tolist()
-
-            next_list = next_indices.tolist()
+        state = self.runner.start_beams([p.max_new for p in active], self.params.stop_token_ids, nb)
+        step = self._prefill(active, state)
+        while True:
             children: list[Sequence] = []
             old_beams: dict[int, Sequence] = {}
             for row, prompt in enumerate(active):
+                if step.scores is not None:
+                    prompt.scores.append(step.scores[row])
+                if step.logits is not None:
+                    prompt.logits.append(step.logits[row])
+                parents, tokens = step.parents[row], step.tokens[row]
+                # finished slots: j < nb keeps slot j, else candidate j - nb becomes a hypothesis
+                prompt.finished, prompt.finished_paths = (
+                    [
+                        prompt.finished[j] if j < nb else self._generated(prompt, parents[j - nb]) + [tokens[j - nb]]
+                        for j in step.finished_slots[row]
+                    ],
+                    [
+                        prompt.finished_paths[j] if j < nb else prompt.paths[parents[j - nb]] + [parents[j - nb]]
+                        for j in step.finished_slots[row]
+                    ],
+                )
                 old_beams.update((id(s), s) for s in prompt.beams)
-                if not keep[row]:
-                    results[prompt.index] = self._hypotheses(prompt, finished_scores[row])
+                if not step.keep[row]:
+                    results[prompt.index] = self._hypotheses(prompt, step.finished_scores[row])
                     prompt.beams = []
                     continue
-                beams = []
-                for j in next_list[row]:
-                    parent = prompt.beams[parents[row][j]]
-                    child = self._new_sequence(prompt, parent.token_ids + [tokens[row][j]])
+                beams, paths = [], []
+                for j in step.next_beams[row]:
+                    parent = prompt.beams[parents[j]]
+                    child = self._new_sequence(prompt, parent.token_ids + [tokens[j]])
                     self.manager.fork(parent, child)
                     child.num_computed_tokens = parent.num_computed_tokens
                     beams.append(child)
-                prompt.beams = beams
+                    paths.append(prompt.paths[parents[j]] + [parents[j]])
+                prompt.beams, prompt.paths = beams, paths
                 children.extend(beams)
             # Children hold references now, so freeing their parents returns only dropped branches.
             for seq in old_beams.values():
                 self._free(seq)
             if not children:
                 break
-            keep_rows = torch.tensor(keep, dtype=torch.bool, device=device)
-            active = [p for p, k in zip(active, keep) if k]
-            running_scores = running_scores[keep_rows]
-            finished_scores = finished_scores[keep_rows]
-            is_finished = is_finished[keep_rows]
-            improvable = improvable[keep_rows]
-            logits = self._decode(children)
+            active = [p for p, k in zip(active, step.keep) if k]
+            step = self._decode(children, step.state)
 
     @staticmethod
     def _generated(prompt: _Prompt, beam: int) -> list[int]:
         return prompt.beams[beam].token_ids[len(prompt.token_ids) :]
 
-    def _hypotheses(self, prompt: _Prompt, scores: torch.Tensor) -> list[BeamHypothesis]:
+    def _hypotheses(self, prompt: _Prompt, scores: list[float]) -> list[BeamHypothesis]:
         stops = set(self.params.stop_token_ids)
+        step_scores = prompt.scores if self.params.output_scores else None
+        step_logits = prompt.logits if self.params.output_logits else None
         out = []
-        for tokens, score in zip(prompt.finished, scores.tolist()):
+        for tokens, path, score in zip(prompt.finished, prompt.finished_paths, scores):
             reason = "eos" if tokens and tokens[-1] in stops else "length"
-            out.append(BeamHypothesis(tokens, score, reason))
+            out.append(BeamHypothesis(tokens, score, reason, path, step_scores, step_logits))
         return out[: self.params.num_return_sequences]
 
-    def _process(self, log_probs: torch.Tensor, active: list[_Prompt]) -> torch.Tensor:
-        """The logits processors over the beam rows. transformers applies them to log-probabilities
-        in beam search, so they get those here too (a repetition penalty multiplies a negative
-        log-probability, for instance)."""
-        beams = [beam for prompt in active for beam in prompt.beams]  # one per row, prompt by prompt
-        batch = SamplingBatch.build(
-            [self.sampling] * len(beams),
-            [beam.token_ids for beam in beams],
-            [beam.num_prompt_tokens for beam in beams],
-            [None] * len(beams),
-            log_probs.device,
-            vocab_size=log_probs.shape[-1],
+    def _step(
+        self, chunks: list[SchedulerOutput], rows: list[Sequence], state: BeamState, **kwargs: Any
+    ) -> BeamStepResult:
+        return self.runner.beam_step(
+            chunks, rows, state, self.settings,
+            output_scores=self.params.output_scores, output_logits=self.params.output_logits, **kwargs,
         )
-        return process_logits(log_probs, batch)
 
-    def _prefill(self, prompts: list[_Prompt]) -> torch.Tensor:
-        """Compute each prompt once (its blocks are then shared by all its beams); returns the logits
-        of each prompt's last position, [num_prompts, vocab]."""
+    def _prefill(self, prompts: list[_Prompt], state: BeamState) -> BeamStepResult:
+        """Compute each prompt once (its blocks are then shared by all its beams), in chunks within the
+        token budget, and take the first step from each prompt's last logits."""
         budget_limit = self.engine.config.max_num_batched_tokens
-        last_logits = []
+        chunks: list[SchedulerOutput] = []
         pending = list(prompts)
         while pending:
             batch: list[ScheduledSequence] = []
@@ -344,14 +319,17 @@ class _BeamGroup:
                 batch.append(ScheduledSequence(seq, seq.num_tokens))
                 budget -= seq.num_tokens
                 prompt.beams = [seq] * self.num_beams
+                prompt.paths = [[] for _ in range(self.num_beams)]
                 prompt.finished = [[] for _ in range(self.num_beams)]
-            hidden = self.engine.runner.forward_hidden(SchedulerOutput(scheduled=batch))  # [tokens, hidden]
-            ends = torch.tensor(list(itertools.accumulate(s.num_new_tokens for s in batch)), device=hidden.device)
-            last_logits.append(self.engine.model.compute_logits(hidden[ends - 1]))
-            for item in batch:
-                item.seq.num_computed_tokens = item.seq.num_tokens
-            self._free_behind_window([item.seq for item in batch])
-        return torch.cat(last_logits)
+                prompt.finished_paths = [[] for _ in range(self.num_beams)]
+            chunks.append(SchedulerOutput(scheduled=batch))
+        rows = [beam for prompt in prompts for beam in prompt.beams]
+        step = self._step(chunks, rows, state, repeat=self.num_beams)
+        seqs = [item.seq for chunk in chunks for item in chunk.scheduled]
+        for seq in seqs:
+            seq.num_computed_tokens = seq.num_tokens
+        self._free_behind_window(seqs)
+        return step
 
     def _free_behind_window(self, seqs: list[Sequence]) -> None:
         """With a sliding window on every layer, blocks behind each beam's window go back to the pool
@@ -362,9 +340,9 @@ class _BeamGroup:
                 # The next query sits at num_computed_tokens and reaches back window - 1 positions.
                 self.manager.free_blocks_before(seq, seq.num_computed_tokens - window + 1)
 
-    def _decode(self, beams: list[Sequence]) -> torch.Tensor:
+    def _decode(self, beams: list[Sequence], state: BeamState) -> BeamStepResult:
         """One token per beam: give each beam a private copy of the block its new token lands in when
-        that block is shared, a new block when it starts one, then run the model; [beams, vocab]."""
+        that block is shared, a new block when it starts one, then take the step."""
         sources: list[int] = []
         targets: list[int] = []
         for seq in beams:
@@ -372,9 +350,9 @@ class _BeamGroup:
                 sources.append(source)
                 targets.append(target)
             self.manager.allocate(seq, 1)
-        self.engine.kv_cache.copy_blocks(sources, targets)
-        hidden = self.engine.runner.forward_hidden(SchedulerOutput([ScheduledSequence(s, 1) for s in beams]))
+        out = SchedulerOutput([ScheduledSequence(s, 1) for s in beams])
+        step = self._step([out], beams, state, block_copies=(sources, targets))
         for seq in beams:
             seq.num_computed_tokens += 1
         self._free_behind_window(beams)
-        return self.engine.model.compute_logits(hidden)
+        return step
