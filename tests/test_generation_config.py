@@ -315,6 +315,18 @@ def test_stop_strings_equal_transformers(ours, hf, stop):
     assert torch.equal(ours.generate(ids, max_new_tokens=30, stop_strings=stop), ref)  # own tokenizer
 
 
+def test_stop_string_naming_a_special_token_equals_transformers(ours, hf):
+    """transformers matches stop strings on the tokens' text, special tokens included. With EOS set
+    elsewhere, "<|im_end|>" ends the reply only as a stop string."""
+    hf_model, tok = hf
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+    kwargs = dict(max_new_tokens=40, stop_strings="<|im_end|>", eos_token_id=0, pad_token_id=0)
+    ref = hf_generate(hf_model, **chat, tokenizer=tok, **kwargs)
+    assert ref[0, -1].item() == IM_END and ref.shape[1] < chat["input_ids"].shape[1] + 40
+    assert torch.equal(ours.generate(**chat, **kwargs), ref)
+
+
 # ---------------------------------------------------------------- guards
 
 

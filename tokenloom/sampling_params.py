@@ -49,6 +49,7 @@ class SamplingParams:
     # stopping
     stop: list[str] = field(default_factory=list)  # stop strings
     include_stop_str_in_output: bool = False  # text faces cut the output before the stop string
+    skip_special_tokens: bool = True  # in the output text, and so in the text stop strings match
     max_time: float | None = None  # seconds from when the request was added
     # outputs
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and k alternatives
@@ -100,7 +101,10 @@ _CHECKS: tuple[tuple[str, type, str, Callable[[Any], bool]], ...] = (
     ("logprobs", int, "in [0, 20]", lambda v: 0 <= v <= 20),
 )
 _OPTIONAL = frozenset({"seed", "max_time", "logprobs"})  # None means "not set"
-_BOOLS = ("ignore_eos", "renormalize_logits", "include_stop_str_in_output", "output_scores", "output_logits")
+_BOOLS = (
+    "ignore_eos", "renormalize_logits", "include_stop_str_in_output", "skip_special_tokens", "output_scores",
+    "output_logits",
+)
 
 
 def _check_number(name: str, value: object, allowed: str, ok: Callable[[Any], bool]) -> None:

@@ -206,7 +206,8 @@ class TokenloomForCausalLM:
         try:
             if not expanded:
                 return []
-            params = plan.sampling
+            # transformers matches stop strings on the tokens' text, special tokens included
+            params = dataclasses.replace(plan.sampling, skip_special_tokens=False)
             # n copies of one seeded request would draw the same sample: copy k uses seed + k
             per_copy = [
                 dataclasses.replace(params, seed=params.seed + k) if params.seed is not None and n > 1 else params

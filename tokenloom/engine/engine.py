@@ -110,7 +110,7 @@ class Engine:
             from tokenloom.detokenizer import IncrementalDetokenizer
 
             self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt, skip_special_tokens=True, stop=stop,
+                self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens, stop=stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
         try:
