@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from tests.tiny_models import run_counting_preemptions
 from tokenloom import AutoModelForCausalLM, EngineConfig, SamplingParams
 from tokenloom.errors import ModelNotFoundError, UnsupportedModelError
 
@@ -91,15 +92,7 @@ def test_preemption_really_happens_with_a_small_pool(tiny_dir):
     engine = ours.engine
     for p in PROMPTS:
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    preempted = 0
-    while engine.has_unfinished():
-        out = engine.scheduler.schedule()
-        preempted += len(out.preempted)
-        result = engine.runner.step(out)
-        for seq in engine.scheduler.update(out, result.sampled_token_ids):
-            if seq.is_finished:
-                engine._release(seq)
-    assert preempted > 0
+    assert run_counting_preemptions(engine) > 0
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from tests.tiny_models import run_counting_preemptions
 from tokenloom.sampling.processors import ngram_bans_for_row
 from tokenloom.sampling.sampler import SamplingBatch, process_logits, sample
 from tokenloom.sampling_params import SamplingParams
@@ -418,12 +419,6 @@ def test_incremental_state_survives_preemption_in_the_engine(tmp_path, monkeypat
             params = _history_params(rng, i + 10 * round_)
             params.max_tokens = rng.randint(40, 70)
             engine.add_request(prompt, params, request_id=f"req{i}", detokenize=False)
-        while engine.has_unfinished():
-            out = engine.scheduler.schedule()
-            preempted += len(out.preempted)
-            result = engine.runner.step(out)
-            for seq in engine.scheduler.update(out, result.sampled_token_ids):
-                if seq.is_finished:
-                    engine._release(seq)
+        preempted += run_counting_preemptions(engine)
         assert not any(f"req{i}" in engine.runner._sampling_state for i in range(4))
     assert preempted > 0 and num_checked > 100

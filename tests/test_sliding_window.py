@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_models import run_counting_preemptions
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
 from tokenloom.loading import load_model
@@ -132,15 +133,7 @@ def test_preemption_really_happens_with_a_small_pool(tiny):
     engine = _engine(path, _small_pool(name))
     for p in PROMPTS:
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    preempted = 0
-    while engine.has_unfinished():
-        out = engine.scheduler.schedule()
-        preempted += len(out.preempted)
-        result = engine.runner.step(out)
-        for seq in engine.scheduler.update(out, result.sampled_token_ids):
-            if seq.is_finished:
-                engine._release(seq)
-    assert preempted > 0
+    assert run_counting_preemptions(engine) > 0
 
 
 def test_long_generation_keeps_its_blocks_bounded_and_matches_transformers(tmp_path):

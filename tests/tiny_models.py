@@ -191,3 +191,16 @@ def reference_logits(model, prompt: list[int]) -> torch.Tensor:
     """transformers' logits [len(prompt), vocab] for one prompt."""
     with torch.no_grad():
         return model(torch.tensor([prompt])).logits[0]
+
+
+def run_counting_preemptions(engine) -> int:
+    """Step `engine` until idle by hand (schedule, run, update), counting the preemptions."""
+    preempted = 0
+    while engine.has_unfinished():
+        out = engine.scheduler.schedule()
+        preempted += len(out.preempted)
+        result = engine.runner.step(out)
+        for seq in engine.scheduler.update(out, result.sampled_token_ids):
+            if seq.is_finished:
+                engine._release(seq)
+    return preempted
