@@ -330,3 +330,14 @@ def test_step_outputs_carry_the_runner_extras_and_their_own_token_ids(llm):
         assert lp.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token_id]), abs=1e-4)
     for out in other:
         assert out.logprobs is None and out.logits is None and out.scores is None
+
+
+def test_llm_generate_collects_each_tokens_logprobs(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    completion = llm.generate("The capital of France is", params)[0]
+    streamed = [lp for out in llm.stream("The capital of France is", params) for lp in out.logprobs]
+    assert completion.logprobs == streamed
+    assert [lp.token_id for lp in completion.logprobs] == completion.token_ids
+    assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.logprob - 1e-6 for lp in completion.logprobs)
+    plain = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=3))[0]
+    assert plain.logprobs is None

@@ -14,7 +14,7 @@ from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
 from tokenloom.generation_settings import DEFAULTS, UNSUPPORTED, eos_token_ids, resolve, to_sampling_params
 from tokenloom.loading import LoadedModel, load_model
-from tokenloom.outputs import RequestOutput
+from tokenloom.outputs import RequestOutput, TokenLogprob
 from tokenloom.sampling_params import SamplingParams
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
 
@@ -30,6 +30,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when SamplingParams.logprobs is set
 
 
 class LLM:
@@ -106,11 +107,17 @@ class LLM:
         plist = [self._with_stop_ids(p) for p in _per_prompt(params or self.sampling_params(), len(batch))]
         encoded = [self._encode(p) for p in batch]
         ids = self.engine.add_requests([(tokens, p) for (_, tokens), p in zip(encoded, plist)])
-        results = {out.request_id: out for out in self.engine.stream(ids) if out.finished}
+        results: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list[TokenLogprob]] = {}
+        for out in self.engine.stream(ids):
+            if out.logprobs is not None:
+                logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+            if out.finished:
+                results[out.request_id] = out
         return [
             Completion(
                 text, tokens, results[rid].text, results[rid].token_ids, results[rid].finish_reason,
-                results[rid].stop_reason,
+                results[rid].stop_reason, logprobs.get(rid),
             )
             for rid, (text, tokens) in zip(ids, encoded)
         ]
