@@ -4,6 +4,7 @@ a first prefill chunk and a later chunk, with and without a sliding window."""
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -126,3 +127,87 @@ def test_window_groups_are_built_once_per_window_and_shared_with_full_when_nothi
     assert meta.groups_for(4) is meta.groups_for(4)
     assert meta.groups_for(4) is not meta.groups_for(None)
     assert meta.groups_for(9) is meta.groups_for(None)  # a window as long as every context
+
+
+def _python_slot(table, pos):
+    block = table[pos // BLOCK]
+    assert block != FREED_BLOCK, f"position {pos} lies in a freed block"
+    return block * BLOCK + pos % BLOCK
+
+
+def _random_step(rng, num_seqs, window):
+    """A random mix of decodes and prefill chunks over shuffled block ids; some tables carry spare
+    trailing blocks, and with a window the blocks wholly behind every query's window are freed."""
+    query_lens, context_lens, tables = [], [], []
+    ids = list(range(4096))
+    rng.shuffle(ids)
+    for _ in range(num_seqs):
+        q = 1 if rng.random() < 0.6 else rng.randint(2, 20)
+        ctx = q + (rng.randint(0, 60) if rng.random() < 0.8 else 0)
+        nb = -(-ctx // BLOCK) + rng.choice([0, 0, 1])
+        table = [ids.pop() for _ in range(nb)]
+        if window is not None:
+            for b in range(max(0, ctx - q - window + 1) // BLOCK):
+                table[b] = FREED_BLOCK
+        query_lens.append(q)
+        context_lens.append(ctx)
+        tables.append(table)
+    return query_lens, context_lens, tables
+
+
+def _attended_slots(meta, window):
+    """token index -> the cache slots its query attends, read back from the groups."""
+    attended = {}
+    for group in meta.groups_for(window):
+        num_queries, num_keys = group.query_index.shape[1], group.context_slots.shape[1]
+        for b in range(group.query_index.shape[0]):
+            for j in range(num_queries):
+                if group.mask is not None:
+                    allowed = group.mask[b, 0, j]
+                elif num_queries > 1:  # is_causal: top-left aligned
+                    allowed = torch.arange(num_keys) <= j
+                else:
+                    allowed = torch.ones(num_keys, dtype=torch.bool)
+                token = int(group.query_index[b, j])
+                assert token not in attended
+                attended[token] = group.context_slots[b][allowed].tolist()
+    return attended
+
+
+def test_device_built_slots_and_masks_match_a_python_construction():
+    rng = random.Random(0)
+    for trial in range(40):
+        window = rng.choice([None, None, 3, 7, 16, 40])
+        uniform = trial % 5 == 0
+        query_lens, context_lens, tables = _random_step(rng, rng.randint(1, 9), window)
+        if uniform:  # a decode-only step with equally long tables (the unpadded path)
+            query_lens = [1] * len(query_lens)
+            width = max(len(t) for t in tables)
+            tables = [t + [t[-1]] * (width - len(t)) for t in tables]
+            context_lens = [max(c, (width - 1) * BLOCK + 1) for c in context_lens]
+        input_ids = [rng.randint(0, 999) for _ in range(sum(query_lens))]
+        meta = AttentionMetadata.build(
+            query_lens, context_lens, tables, BLOCK, torch.device("cpu"), input_ids=input_ids
+        )
+        positions = [p for q, c in zip(query_lens, context_lens) for p in range(c - q, c)]
+        rows = [i for i, q in enumerate(query_lens) for _ in range(q)]
+        assert meta.input_ids.tolist() == input_ids
+        assert meta.positions.tolist() == positions
+        assert meta.slot_mapping.tolist() == [_python_slot(tables[i], p) for i, p in zip(rows, positions)]
+        attended = _attended_slots(meta, window)
+        assert sorted(attended) == list(range(len(positions)))
+        for token, (i, p) in enumerate(zip(rows, positions)):
+            first = max(0, p - window + 1) if window is not None else 0
+            expected = [_python_slot(tables[i], k) for k in range(first, p + 1)]
+            assert attended[token] == expected, (trial, window, token)
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        if decode:  # decodes share one batched group
+            assert meta.groups_for(window)[0].query_index.shape == (len(decode), 1)
+        assert len(meta.groups_for(window)) == bool(decode) + len(query_lens) - len(decode)
+
+
+def test_first_chunk_is_plain_causal_without_a_mask():
+    meta = AttentionMetadata.build([5, 1], [5, 9], [[2, 0], [1, 3, 4]], BLOCK, torch.device("cpu"))
+    decode, chunk = meta.groups
+    assert chunk.mask is None and chunk.context_slots.tolist() == [[8, 9, 10, 11, 0]]
+    assert decode.mask is None and decode.context_slots.shape == (1, 9)

@@ -8,8 +8,10 @@ cached on the step's AttentionMetadata, once per window size, for every layer th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +24,8 @@ class AttentionGroup:
 
     query_index: [batch, num_queries] flat token index of each query.
     token_index: [batch * num_queries] where each output row goes in the flat batch.
-    context_slots: [batch, num_keys] cache slots of each sequence's keys (padding points at slot 0
-        and is masked).
+    context_slots: [batch, num_keys] cache slots of each sequence's keys (padding and freed blocks
+        point at some slot of the pool and are masked).
     mask: [batch, 1, num_queries, num_keys], True where a query may attend a key; None when the
         group is one chunk computed from position 0 that no window cuts, which is plain causal
         attention.
@@ -39,18 +41,34 @@ class AttentionGroup:
 class AttentionMetadata:
     """Built once per step by the model runner and shared by every layer.
 
+    Only compact data crosses to the device, in one copy (from pinned memory on CUDA): the token ids
+    when given, per-sequence query/context lengths, decode rows and the padded block table. Slots,
+    positions and masks are computed from it on the device; sizes come from the Python lists, so
+    nothing here waits on the device.
+
     slot_mapping: [num_tokens] cache slot each new token's key/value is written to.
+    positions: [num_tokens] position of each new token in its sequence.
+    input_ids: [num_tokens] the token ids given to `build` (uploaded in the same copy), else None.
+    block_table: [num_seqs, max_blocks] on the device, each row padded with its own last entry.
     query_lens / context_lens / block_tables: the step, per sequence (query_lens[i] new tokens end
         at position context_lens[i] - 1; block_tables[i][b] holds positions b * block_size onwards,
-        a negative entry marks a block freed because no layer's window reaches it any more).
+        a negative entry marks a block freed because no layer's window reaches it any more: its
+        positions are outside every window that reads them and are masked, never gathered).
     """
 
     slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    input_ids: torch.Tensor | None
+    block_table: torch.Tensor
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
     block_size: int
     device: torch.device
+    _context_lens: torch.Tensor = field(repr=False)  # [num_seqs] on the device
+    _decode: list[int] = field(repr=False)  # rows with one query
+    _decode_rows: torch.Tensor | None = field(repr=False)  # [num_decode]; None when every row decodes
+    _decode_tokens: torch.Tensor | None = field(repr=False)  # [num_decode] their flat token index
     _groups: dict[int | None, list[AttentionGroup]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -61,17 +79,67 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        input_ids: list[int] | None = None,
     ) -> AttentionMetadata:
-        """query_lens[i] new tokens of sequence i end at position context_lens[i] - 1."""
-        starts = [ctx - q for q, ctx in zip(query_lens, context_lens)]
-        slots, valid = _position_slots(block_tables, starts, context_lens, block_size)
+        """query_lens[i] new tokens of sequence i end at position context_lens[i] - 1. `input_ids`
+        (the step's flat token ids) ride along in the same host-to-device copy."""
+        num_seqs, num_tokens = len(query_lens), sum(query_lens)
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        all_decode = len(decode) == num_seqs
+        decode_lists: list[list[int]] = []
+        if not all_decode:
+            token_starts = list(itertools.accumulate(query_lens, initial=0))
+            decode_lists = [decode, [token_starts[i] for i in decode]]
+        widths = [len(table) for table in block_tables]
+        max_blocks = max(widths)
+        uniform = min(widths) == max_blocks
+        ids = input_ids if input_ids is not None else []
+        parts = [ids, query_lens, context_lens, *decode_lists, [] if uniform else widths]
+        sizes = [len(part) for part in parts] + [sum(widths)]
+        # one host buffer -> one copy; int32 halves the bytes sent to an accelerator
+        host = np.fromiter(
+            itertools.chain(*parts, itertools.chain.from_iterable(block_tables)),
+            dtype=np.int64 if device.type == "cpu" else np.int32,
+            count=sum(sizes),
+        )
+        packed = torch.from_numpy(host)
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        packed = packed.to(device=device, dtype=torch.long)
+        pieces = list(packed.split(sizes))
+        ids_t, query_t, context_t = pieces[:3]
+        decode_rows, decode_tokens = (pieces[3], pieces[4]) if decode_lists else (None, None)
+        flat_tables = pieces[-1]
+        if uniform:
+            block_table = flat_tables.view(num_seqs, max_blocks)
+        else:  # pad each row with its last entry: [num_seqs, max_blocks]
+            widths_t = pieces[-2]
+            row_starts = widths_t.cumsum(0) - widths_t
+            column = torch.minimum(torch.arange(max_blocks, device=device)[None, :], widths_t[:, None] - 1)
+            block_table = flat_tables[row_starts[:, None] + column]
+        if all_decode:
+            rows = torch.arange(num_seqs, device=device)
+            positions = context_t - 1
+        else:
+            rows = torch.repeat_interleave(
+                torch.arange(num_seqs, device=device), query_t, output_size=num_tokens
+            )  # [num_tokens] each token's sequence
+            positions = torch.arange(num_tokens, device=device) + (context_t - query_t.cumsum(0))[rows]
+        slot_mapping = block_table[rows, positions // block_size] * block_size + positions % block_size
         return cls(
-            slot_mapping=slots[valid].to(device),  # row-major: the flat batch's order
+            slot_mapping=slot_mapping,
+            positions=positions,
+            input_ids=ids_t if input_ids is not None else None,
+            block_table=block_table,
             query_lens=list(query_lens),
             context_lens=list(context_lens),
             block_tables=block_tables,
             block_size=block_size,
             device=device,
+            _context_lens=context_t,
+            _decode=decode,
+            _decode_rows=decode_rows,
+            _decode_tokens=decode_tokens,
         )
 
     @property
@@ -91,74 +159,79 @@ class AttentionMetadata:
         return groups
 
     def _build_groups(self, window: int | None) -> list[AttentionGroup]:
-        device = self.device
-        starts, index = [], 0
-        for q in self.query_lens:
-            starts.append(index)
-            index += q
+        device, block_size = self.device, self.block_size
         groups = []
-        decode = [i for i, q in enumerate(self.query_lens) if q == 1]
-        if decode:
-            ends = [self.context_lens[i] for i in decode]
-            first = [max(0, e - window) if window else 0 for e in ends]
-            tables = [self.block_tables[i] for i in decode]
-            slots, key_valid = _position_slots(tables, first, ends, self.block_size)
-            token_index = torch.tensor([starts[i] for i in decode], dtype=torch.long)
+        if self._decode:
+            key_lens = [min(self.context_lens[i], window) if window else self.context_lens[i] for i in self._decode]
+            width = max(key_lens)
+            if self._decode_rows is None:  # every row decodes
+                tables, ends = self.block_table, self._context_lens
+                token_index = torch.arange(len(self._decode), device=device)
+            else:
+                tables, ends = self.block_table[self._decode_rows], self._context_lens[self._decode_rows]
+                token_index = self._decode_tokens
+            key_pos = torch.arange(width, device=device)  # left-aligned keys: [width] or [num_decode, width]
+            if window:
+                key_pos = (ends - window).clamp_(min=0)[:, None] + key_pos
+                slots = _row_slots(tables, key_pos, block_size)
+            else:
+                slots = _range_slots(tables, 0, width, block_size)
+            mask = None
+            if min(key_lens) != width:  # every key lies in the window and at or before the query otherwise
+                mask = (key_pos < ends[:, None])[:, None, None, :]
             groups.append(
                 AttentionGroup(
-                    query_index=token_index[:, None].to(device),
-                    token_index=token_index.to(device),
-                    context_slots=slots.to(device),
-                    # every valid key lies in the window and at or before the query
-                    mask=None if bool(key_valid.all()) else key_valid[:, None, None, :].to(device),
+                    query_index=token_index[:, None],
+                    token_index=token_index,
+                    context_slots=slots,
+                    mask=mask,
                 )
             )
+        token_start = 0
         for i, (q, ctx) in enumerate(zip(self.query_lens, self.context_lens)):
+            token_start += q
             if q == 1:
                 continue
             first_query = ctx - q
             first_key = max(0, first_query - window + 1) if window else 0
-            slots, _ = _position_slots([self.block_tables[i]], [first_key], [ctx], self.block_size)
-            token_index = torch.arange(starts[i], starts[i] + q, dtype=torch.long)
+            token_index = torch.arange(token_start - q, token_start, device=device)
             mask = None
             if first_query != 0 or (window is not None and q > window):
-                query_pos = torch.arange(first_query, ctx)[:, None]
-                key_pos = torch.arange(first_key, ctx)[None, :]
-                allowed = key_pos <= query_pos
+                key_pos = torch.arange(first_key, ctx, device=device)
+                query_pos = torch.arange(first_query, ctx, device=device)[:, None]
+                allowed = key_pos[None, :] <= query_pos
                 if window is not None:
-                    allowed &= key_pos > query_pos - window
-                mask = allowed[None, None].to(device)
+                    allowed &= key_pos[None, :] > query_pos - window
+                mask = allowed[None, None]
             groups.append(
                 AttentionGroup(
-                    query_index=token_index[None, :].to(device),
-                    token_index=token_index.to(device),
-                    context_slots=slots.to(device),
+                    query_index=token_index[None, :],
+                    token_index=token_index,
+                    context_slots=_range_slots(self.block_table[i : i + 1], first_key, ctx, block_size),
                     mask=mask,
                 )
             )
         return groups
 
 
-def _position_slots(
-    block_tables: list[list[int]], starts: list[int], ends: list[int], block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache slots of positions starts[i] .. ends[i] - 1 of each sequence, left-aligned and padded.
+def _range_slots(tables: torch.Tensor, first: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions first .. end - 1 of every row of block tables [rows, max_blocks];
+    returns [rows, end - first]. Only the blocks the range touches are read; freed (negative)
+    entries map into block 0 and a shorter row's positions into its padding: the caller masks both."""
+    first_block = first // block_size
+    base = tables[:, first_block : -(-end // block_size)].clamp(min=0) * block_size  # [rows, blocks]
+    offsets = torch.arange(block_size, device=tables.device)
+    slots = (base[:, :, None] + offsets).reshape(tables.shape[0], -1)
+    shift = first - first_block * block_size
+    return slots[:, shift : shift + end - first]
 
-    Returns slots [n, max_len] (padding and freed blocks point at slot 0) and valid [n, max_len].
-    Only the blocks the ranges touch are read, so a long sequence's window costs the window."""
-    first_blocks = [s // block_size for s in starts]
-    rows = [table[f : -(-e // block_size)] for table, f, e in zip(block_tables, first_blocks, ends)]
-    width = max(len(r) for r in rows)
-    blocks = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).clamp_(min=0)
-    offsets = torch.arange(block_size, dtype=torch.long)
-    all_slots = (blocks[:, :, None] * block_size + offsets).reshape(len(rows), -1)  # [n, width * bs]
-    lengths = torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.long)
-    shift = torch.tensor([s - f * block_size for s, f in zip(starts, first_blocks)], dtype=torch.long)
-    steps = torch.arange(int(lengths.max()), dtype=torch.long)[None, :]
-    valid = steps < lengths[:, None]
-    index = (shift[:, None] + steps).clamp_(max=all_slots.shape[1] - 1)
-    slots = torch.where(valid, all_slots.gather(1, index), 0)
-    return slots, valid
+
+def _row_slots(tables: torch.Tensor, key_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of positions key_pos [rows, num_keys] through block tables [rows, max_blocks];
+    returns [rows, num_keys]. Freed entries and positions past a row's table are masked by the caller."""
+    base = tables.clamp(min=0) * block_size  # [rows, max_blocks], small
+    column = (key_pos // block_size).clamp_(max=tables.shape[1] - 1)
+    return base.gather(1, column).add_(key_pos % block_size)
 
 
 def paged_attention(

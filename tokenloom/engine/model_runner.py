@@ -81,7 +81,6 @@ class ModelRunner:
     def forward_hidden(self, out: SchedulerOutput) -> torch.Tensor:
         """Run the model over the step's tokens; returns hidden states [num_tokens, hidden]."""
         input_ids: list[int] = []
-        positions: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
@@ -90,14 +89,15 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + item.num_new_tokens
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             query_lens.append(item.num_new_tokens)
             context_lens.append(end)
             block_tables.append(seq.block_ids)
-        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self.model(ids, pos, self.kv_cache, meta)
+        # one host-to-device copy carries the token ids and the attention metadata; positions and
+        # slots are computed on the device
+        meta = AttentionMetadata.build(
+            query_lens, context_lens, block_tables, self.block_size, self.device, input_ids=input_ids
+        )
+        return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
 
     @torch.inference_mode()
     def step(self, out: SchedulerOutput) -> StepResult:
