@@ -69,6 +69,28 @@ def test_generate_stop_flag_cuts_the_output_before_the_stop_text(smollm2_gguf, h
     assert out.out == expected[: expected.index(stop)] + "\n"
 
 
+def test_generate_chat_template_flag_replaces_the_models_template(smollm2_gguf, hf_smollm2, tmp_path, capsys):
+    template = tmp_path / "qa.jinja"
+    template.write_text("{% for m in messages %}Question: {{ m['content'] }}\n{% endfor %}Answer:")
+    code = main(["generate", "What is the capital of France?", "--model", str(smollm2_gguf), "--chat",
+                 "--chat-template", str(template), "-n", str(NEW_TOKENS)])
+    out = capsys.readouterr()
+    assert code == 0
+    _, tok = hf_smollm2
+    ids = tok("Question: What is the capital of France?\nAnswer:", add_special_tokens=False).input_ids
+    assert out.out == hf_greedy_text(hf_smollm2, ids) + "\n"
+
+
+def test_missing_chat_template_file_is_an_error_before_loading(smollm2_gguf, tmp_path, capsys):
+    code = main(["generate", "hi", "--model", str(smollm2_gguf), "--chat", "--chat-template",
+                 str(tmp_path / "absent.jinja")])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 2 and "--chat-template" in lines[0] and "absent.jinja" in lines[0]
+    assert "loaded" not in err
+
+
 def test_generate_chat_sends_the_prompt_through_the_chat_template(smollm2_gguf, hf_smollm2, capsys):
     question = "What is the capital of France?"
     code = main(["generate", question, "--chat", "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)])

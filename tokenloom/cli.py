@@ -35,6 +35,23 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_chat_template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file to use instead of the model's own (base models ship none)")
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    """The --chat-template file's text, read before the slow model load."""
+    if args.chat_template is None:
+        return None
+    from pathlib import Path
+
+    path = Path(args.chat_template)
+    if not path.is_file():
+        raise FileNotFoundError(f"--chat-template {args.chat_template!r}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -54,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen, 128)
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    _add_chat_template_arg(gen)
     gen.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
     gen.set_defaults(func=cmd_generate)
 
@@ -61,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, 512)
     chat.add_argument("--system", default=None, help="system message")
+    _add_chat_template_arg(chat)
     chat.set_defaults(func=cmd_chat)
 
     pull = sub.add_parser("pull", help="download a named model into the cache; prints its path last")
@@ -119,10 +138,11 @@ def _stream(llm: Any, prompt: Any, params: Any) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_sampling_args(args)
+    template = _chat_template(args)
     llm = _load(args)
     params = _params(llm, args)
     if args.chat:
-        prompt: Any = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+        prompt: Any = llm.chat_prompt([{"role": "user", "content": args.prompt}], chat_template=template)
     else:
         prompt = args.prompt
         if not args.no_echo:
@@ -134,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_sampling_args(args)
+    template = _chat_template(args)
     llm = _load(args)
     params = _params(llm, args)
     history: list[dict[str, str]] = []
@@ -155,7 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            reply = _stream(llm, llm.chat_prompt(history), params)
+            reply = _stream(llm, llm.chat_prompt(history, chat_template=template), params)
         except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
             history.pop()
             _error(str(exc), "/reset starts a new conversation")

@@ -185,10 +185,11 @@ class LLM:
             return params
         return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *self.stop_token_ids])
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
         """Render the chat template (with the generation prompt) and tokenize it without adding
-        special tokens again, so a BOS written by the template is not doubled."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        special tokens again, so a BOS written by the template is not doubled. `chat_template` (Jinja
+        text) replaces the model's own, e.g. for a base model that ships none."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -284,7 +284,7 @@ class Tokenizer:
         else:
             raise ChatTemplateError(
                 "this tokenizer has no chat template; pass chat_template=... with a Jinja template",
-                hint="base (non-instruct) models usually ship without one",
+                hint="base (non-instruct) models usually ship without one; the CLI takes --chat-template FILE",
             )
         return compile_chat_template(source)
 
