@@ -7,13 +7,12 @@ value and the allowed range. A setting that is absent or None takes transformers
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import SamplingParams, check_int, check_number, is_token_id
 
 # transformers' default when neither the caller nor max_length says how long to generate (>= 5: new tokens)
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -242,10 +241,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check(name: str, value: Any, allowed: str, ok: Callable[[Any], bool]) -> None:
     if not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -253,15 +248,15 @@ def _check(name: str, value: Any, allowed: str, ok: Callable[[Any], bool]) -> No
 
 def _token_list(name: str, value: Any) -> None:
     _check(name, value, "a list of token ids (integers >= 0)",
-           lambda v: isinstance(v, (list, tuple)) and all(_is_int(t) and t >= 0 for t in v))
+           lambda v: isinstance(v, (list, tuple)) and all(is_token_id(t) for t in v))
 
 
 def _validate(v: dict[str, Any]) -> None:
     def number(name: str, allowed: str, ok: Callable[[float], bool]) -> None:
-        _check(name, v[name], allowed, lambda x: _is_number(x) and ok(x))
+        check_number(name, v[name], allowed, ok)
 
     def integer(name: str, allowed: str, ok: Callable[[int], bool]) -> None:
-        _check(name, v[name], allowed, lambda x: _is_int(x) and ok(x))
+        check_int(name, v[name], allowed, ok)
 
     def boolean(name: str) -> None:
         _check(name, v[name], "True or False", lambda x: isinstance(x, bool))
@@ -336,7 +331,7 @@ def _validate(v: dict[str, Any]) -> None:
     if v["bad_words_ids"] is not None:
         _check("bad_words_ids", v["bad_words_ids"], "a list of non-empty lists of token ids",
                lambda x: isinstance(x, (list, tuple)) and all(
-                   isinstance(s, (list, tuple)) and s and all(_is_int(t) and t >= 0 for t in s) for s in x))
+                   isinstance(s, (list, tuple)) and s and all(is_token_id(t) for t in s) for s in x))
     stops = v["stop_strings"]
     if stops is not None:
         _check("stop_strings", stops, "a non-empty string or a list of non-empty strings",
@@ -364,9 +359,9 @@ def _sequence_bias(sequence_bias: Any, logit_bias: Any) -> dict[tuple[int, ...],
             raise ValueError(f"sequence_bias must be {allowed}, got {sequence_bias!r}")
         for ids, bias in pairs:
             ids = (ids,) if _is_int(ids) else ids
-            if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(t) and t >= 0 for t in ids)):
+            if not (isinstance(ids, (list, tuple)) and ids and all(is_token_id(t) for t in ids)):
                 raise ValueError(f"sequence_bias keys must be non-empty sequences of token ids, got {ids!r}")
-            _check("sequence_bias", bias, "a finite number per sequence", _is_number)
+            check_number("sequence_bias", bias, "a finite number per sequence", lambda b: True)
             out[tuple(int(t) for t in ids)] = float(bias)
     if logit_bias is not None:
         if not isinstance(logit_bias, Mapping):
@@ -374,9 +369,8 @@ def _sequence_bias(sequence_bias: Any, logit_bias: Any) -> dict[tuple[int, ...],
         for token, bias in logit_bias.items():
             token_id = int(token) if isinstance(token, str) and token.isdigit() else token
             _check("logit_bias", token, "keyed by token ids (integers >= 0)",
-                   lambda _t, i=token_id: _is_int(i) and i >= 0)
-            _check("logit_bias", bias, "a number in [-100, 100] per token",
-                   lambda b: _is_number(b) and -100 <= b <= 100)
+                   lambda _t, i=token_id: is_token_id(i))
+            check_number("logit_bias", bias, "a number in [-100, 100] per token", lambda b: -100 <= b <= 100)
             key = (int(token_id),)
             out[key] = out.get(key, 0.0) + float(bias)
     return out

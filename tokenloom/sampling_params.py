@@ -61,7 +61,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
-            (_check_int if kind is int else _check_number)(name, value, allowed, ok)
+            (check_int if kind is int else check_number)(name, value, allowed, ok)
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -107,29 +107,32 @@ _BOOLS = (
 )
 
 
-def _check_number(name: str, value: object, allowed: str, ok: Callable[[Any], bool]) -> None:
+def check_number(name: str, value: object, allowed: str, ok: Callable[[Any], bool]) -> None:
+    """Raise ValueError naming `name`, `value` and `allowed` unless value is a finite number (not a
+    bool) for which `ok` holds. Shared by every parameter check at the edge."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_int(name: str, value: object, allowed: str, ok: Callable[[Any], bool]) -> None:
+def check_int(name: str, value: object, allowed: str, ok: Callable[[Any], bool]) -> None:
+    """As `check_number`, for integers."""
     if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _is_token_id(value: object) -> bool:
+def is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _token_ids(name: str, value: object, allowed: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(_is_token_id(t) for t in value):
+    if not isinstance(value, (list, tuple)) or not all(is_token_id(t) for t in value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return list(value)
 
 
 def _bad_words(value: object) -> list[list[int]]:
     if not isinstance(value, (list, tuple)) or not all(
-        isinstance(word, (list, tuple)) and word and all(_is_token_id(t) for t in word) for word in value
+        isinstance(word, (list, tuple)) and word and all(is_token_id(t) for t in word) for word in value
     ):
         raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, got {value!r}")
     return [list(word) for word in value]
@@ -140,7 +143,7 @@ def _sequence_bias(value: object) -> dict[tuple[int, ...], float]:
     if not isinstance(value, dict):
         raise ValueError(f"sequence_bias must be {allowed}, got {value!r}")
     for key, bias in value.items():
-        if not isinstance(key, tuple) or not key or not all(_is_token_id(t) for t in key):
+        if not isinstance(key, tuple) or not key or not all(is_token_id(t) for t in key):
             raise ValueError(f"sequence_bias must be {allowed}, got the key {key!r}")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
             raise ValueError(f"sequence_bias must be {allowed}, got {bias!r} for {key!r}")

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tokenloom.engine.scheduler import ScheduledSequence, SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.sampling.beam import BeamSettings, BeamState
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import SamplingParams, check_int, check_number
 
 if TYPE_CHECKING:
     import torch
@@ -64,24 +62,22 @@ class BeamSearchParams:
     output_logits: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("num_beams", self.num_beams, ">= 1", lambda v: v >= 1)
-        value = self.length_penalty
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"length_penalty must be a finite number, got {value!r}")
-        self.length_penalty = float(value)
+        check_int("num_beams", self.num_beams, ">= 1", lambda v: v >= 1)
+        check_number("length_penalty", self.length_penalty, "a finite number", lambda v: True)
+        self.length_penalty = float(self.length_penalty)
         if not any(self.early_stopping is v for v in (True, False)) and self.early_stopping != "never":
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        _check_int(
+        check_int(
             "num_return_sequences", self.num_return_sequences, f"in [1, num_beams={self.num_beams}]",
             lambda v: 1 <= v <= self.num_beams,
         )
-        _check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
-        _check_int(
+        check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
+        check_int(
             "min_tokens", self.min_tokens, f"in [0, max_tokens={self.max_tokens}]",
             lambda v: 0 <= v <= self.max_tokens,
         )
         for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids", token_id, "integers >= 0", lambda v: v >= 0)
+            check_int("stop_token_ids", token_id, "integers >= 0", lambda v: v >= 0)
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         if not isinstance(self.sampling_params, SamplingParams):
             raise ValueError(
@@ -90,11 +86,6 @@ class BeamSearchParams:
         for name in ("output_scores", "output_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-
-def _check_int(name: str, value: object, allowed: str, ok: Callable[[int], bool]) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclass
