@@ -17,7 +17,7 @@ from torch import nn
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
-from tokenloom.models.layers import Attention, GatedMLP, RotaryEmbedding
+from tokenloom.models.layers import Attention, GatedMLP, RotaryEmbedding, rms_normalize
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -115,9 +115,7 @@ class Gemma3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
 class Gemma3Attention(Attention):

@@ -19,6 +19,12 @@ from tokenloom.models.base import CausalLM, ModelConfig
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [num_tokens, 1, rotary_dim]
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, in float32 (the norms differ only in how they weight it)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation computed in float32, as transformers' LlamaRMSNorm."""
 
@@ -28,10 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
 
 
 class Conv1D(nn.Module):
