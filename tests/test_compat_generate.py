@@ -18,6 +18,7 @@ import transformers
 from torch import nn
 
 from tests.prompts import LOGIT_PROMPTS
+from tests.tiny_models import hf_generate
 from tokenloom import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 from tokenloom.models.quantization import Int4Linear, Int8Linear
 
@@ -64,11 +65,6 @@ def chat_texts(tok, contents=CHATS) -> list[str]:
         tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
         for c in contents
     ]
-
-
-def hf_generate(model, *args, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- defaults and generation_config

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from tests.prompts import GREEDY_PROMPTS as SHARED_GREEDY_PROMPTS
 from tokenloom.chat_template import ChatTemplateError
 from tokenloom.sampling_params import SamplingParams
 
@@ -45,27 +46,10 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 {%- if add_generation_prompt -%}
     {{ '<start_of_turn>model\n' }}
 {%- endif -%}"""
+# The shared greedy set with its two chat turns in Gemma's format.
 GREEDY_PROMPTS = [
-    "A list of colors: red, blue",
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three laws of thermodynamics are",
-    "My favourite recipe for pancakes:",
-    "SELECT name, age FROM users WHERE",
-    "Water is made of",
-    "<start_of_turn>user\nName three fruits.<end_of_turn>\n<start_of_turn>model\n",
-    "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
-    "The history of the Roman Empire",
-    "To be or not to be,",
-    "In Python, a list comprehension",
-    "The best way to learn a language is",
-    "Photosynthesis is the process",
-    "Dear hiring manager,",
-    "1, 2, 3, 5, 8, 13,",
-    "The weather today is",
-    "How do airplanes fly?",
-    "Here is a short story about a robot:",
+    p.replace("<|im_start|>", "<start_of_turn>").replace("<|im_end|>", "<end_of_turn>").replace("assistant\n", "model\n")
+    for p in SHARED_GREEDY_PROMPTS
 ]
 
 

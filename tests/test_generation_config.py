@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from tests.tiny_models import hf_generate
 from tokenloom import LLM, AutoModelForCausalLM, GenerationConfig, SamplingParams
 from tokenloom.generation_settings import DefaultLengthWarning, plan_generation, to_sampling_params
 
@@ -210,11 +211,6 @@ def ours(smollm2_gguf):
 @pytest.fixture(scope="module")
 def hf(hf_smollm2):
     return hf_smollm2
-
-
-def hf_generate(model, *args, **kwargs):
-    with torch.no_grad():
-        return model.generate(*args, **kwargs)
 
 
 def test_generate_validates_with_transformers_names(ours, hf):

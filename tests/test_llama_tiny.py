@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tests.tiny_models import run_counting_preemptions
+from tests.tiny_models import engine_greedy, reference_greedy, run_counting_preemptions
 from tokenloom import AutoModelForCausalLM, EngineConfig, SamplingParams
 from tokenloom.errors import ModelNotFoundError, UnsupportedModelError
 
@@ -38,19 +38,6 @@ def tiny_dir(tmp_path_factory):
     return path, model
 
 
-def _reference_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def _engine_greedy(model, prompts, n):
-    engine = model.engine
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p in prompts]
-    done = {o.request_id: o.token_ids for o in engine.run() if o.finished}
-    return [done[i] for i in ids]
 
 
 def test_logits_match_transformers(tiny_dir):
@@ -65,8 +52,8 @@ def test_logits_match_transformers(tiny_dir):
 def test_greedy_tokens_match_transformers(tiny_dir):
     path, ref = tiny_dir
     ours = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
-    expected = [_reference_greedy(ref, p, 32) for p in PROMPTS]
-    assert _engine_greedy(ours, PROMPTS, 32) == expected
+    expected = [reference_greedy(ref, p, 32) for p in PROMPTS]
+    assert engine_greedy(ours.engine, PROMPTS, 32) == expected
 
 
 @pytest.mark.parametrize(
@@ -80,9 +67,9 @@ def test_greedy_tokens_match_transformers(tiny_dir):
 )
 def test_engine_policies_do_not_change_tokens(tiny_dir, engine_config):
     path, ref = tiny_dir
-    expected = [_reference_greedy(ref, p, 20) for p in PROMPTS]
+    expected = [reference_greedy(ref, p, 20) for p in PROMPTS]
     ours = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32", engine_config=engine_config)
-    assert _engine_greedy(ours, PROMPTS, 20) == expected
+    assert engine_greedy(ours.engine, PROMPTS, 20) == expected
     assert ours.engine.block_manager.num_free_blocks == ours.engine.block_manager.num_blocks
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import run_counting_preemptions
+from tests.tiny_models import engine_greedy, reference_greedy, run_counting_preemptions
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
 from tokenloom.loading import load_model
@@ -75,22 +75,10 @@ def _small_pool(name: str) -> EngineConfig:
     return EngineConfig(block_size=2, num_kv_blocks=12 if name == "mistral" else 32)
 
 
-def _reference_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
 
 def _engine(path, engine_config=None) -> Engine:
     return Engine(load_model(str(path), dtype="float32").model, engine_config)
 
-
-def _engine_greedy(engine, prompts, n):
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p in prompts]
-    done = {o.request_id: o.token_ids for o in engine.run() if o.finished}
-    return [done[i] for i in ids]
 
 
 def test_config_sets_the_windows(tiny):
@@ -117,14 +105,14 @@ def test_logits_match_transformers(tiny):
 @pytest.mark.parametrize("policy", ["plain", "chunked-prefill", "preemption"])
 def test_greedy_tokens_match_transformers(tiny, policy):
     path, ref, name = tiny
-    expected = [_reference_greedy(ref, p, 32) for p in PROMPTS]
+    expected = [reference_greedy(ref, p, 32) for p in PROMPTS]
     engine_config = {
         "plain": EngineConfig(block_size=4),
         "chunked-prefill": EngineConfig(block_size=4, max_num_batched_tokens=5),
         "preemption": _small_pool(name),
     }[policy]
     engine = _engine(path, engine_config)
-    assert _engine_greedy(engine, PROMPTS, 32) == expected
+    assert engine_greedy(engine, PROMPTS, 32) == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -142,7 +130,7 @@ def test_long_generation_keeps_its_blocks_bounded_and_matches_transformers(tmp_p
     ref = _mistral(window=window, num_layers=2)
     ref.save_pretrained(tmp_path)
     prompt = [5, 17, 33, 2, 90, 11, 4, 60, 61, 62]
-    expected = _reference_greedy(ref, prompt, num_new)
+    expected = reference_greedy(ref, prompt, num_new)
 
     # 10 blocks hold 40 tokens: the sequence outgrows the pool eightfold
     config = EngineConfig(block_size=block_size, num_kv_blocks=10, max_num_batched_tokens=6)

@@ -187,6 +187,12 @@ def engine_greedy(engine: Engine, prompts: list[list[int]], num_tokens: int) -> 
     return [done[i] for i in ids]
 
 
+def hf_generate(model, *args, **kwargs) -> torch.Tensor:
+    """transformers' generate() without autograd."""
+    with torch.no_grad():
+        return model.generate(*args, **kwargs)
+
+
 def reference_logits(model, prompt: list[int]) -> torch.Tensor:
     """transformers' logits [len(prompt), vocab] for one prompt."""
     with torch.no_grad():
