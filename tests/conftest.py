@@ -11,6 +11,14 @@ import pytest
 SMOLLM2 = "smollm2-135m-instruct"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the real SmolLM2 file (directly or through the fixtures built on it:
+    transformers' copy, the HF directory, the tokenizers) is slow: `make test-fast` leaves it out."""
+    for item in items:
+        if "smollm2_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """On a small shared machine (2 cores, other jobs running) two OpenMP threads spend most of
