@@ -24,6 +24,12 @@ NEW_TOKENS = 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def _one_cli_thread(monkeypatch):
+    """The CLI sets torch's thread count itself: one, as the rest of the suite (a shared 2-core machine)."""
+    monkeypatch.setenv("TOKENLOOM_NUM_THREADS", "1")
+
+
 def hf_greedy_text(hf_smollm2, ids: list[int], max_new_tokens: int = NEW_TOKENS) -> str:
     model, tok = hf_smollm2
     input_ids = torch.tensor([ids])

@@ -105,6 +105,9 @@ ERRORS = [  # (arguments, stdin, environment, message, hint, exit status)
     (["chat", "hello"], "", {}, "unrecognized arguments: hello", "`tokenloom chat` takes no such arguments", 2),
     (["generate", "hi", "-m", "SmolLM3"], "", {}, "no model at 'SmolLM3'",
      "did you mean --model smollm2-135m-instruct?", 1),
+    (["generate", "hi", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct"], "", {"HF_HUB_OFFLINE": "1"},
+     "could not get hub model 'HuggingFaceTB/SmolLM2-135M-Instruct'",
+     "also available as the pull name smollm2-135m-instruct", 1),
     (["pull", "smolm2"], "", {}, "unknown model name 'smolm2'", "did you mean smollm2-135m-instruct?", 1),
     (["rm", "gema3"], "", {}, "unknown model name 'gema3'", "did you mean gemma3-270m?", 1),
 ]
@@ -114,7 +117,8 @@ ERRORS = [  # (arguments, stdin, environment, message, hint, exit status)
                          ids=[" ".join(e[0])[:40] for e in ERRORS])
 def test_error_is_one_line_and_a_hint(tmp_path, no_messages_template, args, stdin, env, message, hint, code):
     args = [str(no_messages_template) if a == "TEMPLATE" else a for a in args]
-    result = run_cli(*args, stdin=stdin, env={"TOKENLOOM_HOME": str(tmp_path / "home"), **env})
+    home = {"TOKENLOOM_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = run_cli(*args, stdin=stdin, env={**home, **env})
     assert_one_line_error(result, message, hint, code)
     assert "loaded" not in result.stderr  # every one of them is refused before a model loads
 

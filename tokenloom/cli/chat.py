@@ -70,10 +70,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     template = read_chat_template(args)
-    model = prepare_model(args)
+    source = prepare_model(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    check_chat_template(args, model, template, system)  # before the slow load
-    llm = load_llm(args, model)
+    check_chat_template(args, source, template, system)  # before the slow load
+    llm = load_llm(args, source)
     params = sampling_params(llm, args)
     return ChatSession(llm, params, args, template).loop()
 

