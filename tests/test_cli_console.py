@@ -79,6 +79,11 @@ def no_messages_template(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_gguf_with_tokenizer(tmp_path_factory.mktemp("tiny"), "llama")
+
+
 ERRORS = [  # (arguments, stdin, environment, message, hint, exit status)
     (["generate", "tell", "me", "a", "joke"], "", {}, "unrecognized arguments: me a joke",
      'quote the prompt so that it is one argument: tokenloom generate "tell me a joke"', 2),
@@ -87,6 +92,7 @@ ERRORS = [  # (arguments, stdin, environment, message, hint, exit status)
     (["generate", "hi", "--top-p", "1.5"], "", {}, "--top-p must be in (0, 1], got 1.5", "--help", 2),
     (["generate", "hi", "--repetition-penalty", "0"], "", {}, "--repetition-penalty must be", "--help", 2),
     (["generate", "hi", "--top-p", "x"], "", {}, "argument --top-p: invalid float value: 'x'", "--help", 2),
+    (["generate", "hi", "-m", "TINY", "--dtype", "int3"], "", {}, "--dtype 'int3' is not supported", "--help", 2),
     (["generate", "hi", "--threads", "0"], "", {}, "argument --threads: expected an integer >= 1, got 0", "", 2),
     (["generate", "hi"], "", {"TOKENLOOM_NUM_THREADS": "abc"},
      "TOKENLOOM_NUM_THREADS must be a positive integer, got 'abc'", "TOKENLOOM_NUM_THREADS", 2),
@@ -115,8 +121,10 @@ ERRORS = [  # (arguments, stdin, environment, message, hint, exit status)
 
 @pytest.mark.parametrize(("args", "stdin", "env", "message", "hint", "code"), ERRORS,
                          ids=[" ".join(e[0])[:40] for e in ERRORS])
-def test_error_is_one_line_and_a_hint(tmp_path, no_messages_template, args, stdin, env, message, hint, code):
-    args = [str(no_messages_template) if a == "TEMPLATE" else a for a in args]
+def test_error_is_one_line_and_a_hint(tmp_path, no_messages_template, tiny_model, args, stdin, env, message, hint,
+                                      code):
+    named = {"TEMPLATE": str(no_messages_template), "TINY": str(tiny_model)}
+    args = [named.get(a, a) for a in args]
     home = {"TOKENLOOM_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
     result = run_cli(*args, stdin=stdin, env={**home, **env})
     assert_one_line_error(result, message, hint, code)

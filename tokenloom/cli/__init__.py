@@ -13,7 +13,7 @@ import os
 import sys
 
 from tokenloom import __version__
-from tokenloom.cli.common import ArgumentParser, CliError, name_flags, print_error
+from tokenloom.cli.common import ArgumentParser, CliError, print_error
 
 COMMANDS = (
     "tokenloom.cli.generate",
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(exc), exc.hint)
         return exc.exit_code
     except TokenloomError as exc:
-        print_error(name_flags(str(exc)), exc.hint, getattr(exc, "details", None))
+        print_error(str(exc), exc.hint, getattr(exc, "details", None))
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         command = getattr(args, "command", None)
-        print_error(name_flags(str(exc)), f"run `tokenloom {command} --help` for the accepted options"
+        print_error(str(exc), f"run `tokenloom {command} --help` for the accepted options"
                     if command else "run `tokenloom --help`")
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
         _silence_stdout()

@@ -49,15 +49,18 @@ PARAM_FLAGS: dict[str, str] = {
     "stop_strings": "--stop",
     "seed": "--seed",
     "logprobs": "--logprobs",
+    "device_map": "--device",
+    "dtype": "--dtype",
 }
 _PARAM_NAME = re.compile(
-    r"(?<![\w-])(" + "|".join(sorted(map(re.escape, PARAM_FLAGS), key=len, reverse=True)) + r")(?!\w)"
+    r"(?<![\w-])(" + "|".join(sorted(map(re.escape, PARAM_FLAGS), key=len, reverse=True)) + r")(?!\w)(=?)"
 )
 
 
 def name_flags(message: str) -> str:
-    """`message` with library parameter names (top_p) replaced by the CLI flags (--top-p)."""
-    return _PARAM_NAME.sub(lambda m: PARAM_FLAGS[m.group(1)], message)
+    """`message` with library parameter names replaced by the CLI flags: top_p -> --top-p,
+    device_map='cuda' -> --device 'cuda'."""
+    return _PARAM_NAME.sub(lambda m: PARAM_FLAGS[m.group(1)] + (" " if m.group(2) else ""), message)
 
 
 def close_matches(word: str, choices: Sequence[str], limit: int = 1) -> list[str]:

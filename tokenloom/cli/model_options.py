@@ -197,7 +197,12 @@ def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
     from tokenloom.llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args))
+    try:
+        llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args))
+    except ValueError as exc:
+        if not str(exc).startswith(("device_map=", "dtype=")):
+            raise
+        raise UsageError(name_flags(str(exc)), hint=f"run `tokenloom {args.command} --help` for the choices") from None
     loaded = llm.loaded
     dtype = str(loaded.dtype).replace("torch.", "")
     note(f"loaded {loaded.checkpoint.source.path.name} in {time.perf_counter() - start:.2f}s on {loaded.device} "
