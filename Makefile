@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= A list of colors: red, blue
 
-.PHONY: run test install install-test lint bench clean
+.PHONY: run test test-fast install install-test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,16 @@ run: install
 	$(VENV)/bin/tokenloom pull smollm2-135m-instruct
 	$(VENV)/bin/tokenloom generate "$(PROMPT)" --max-new-tokens 40
 
+# The whole suite: about 10 minutes on a quiet 2-core machine (the real-model tests dominate).
 test: install-test
 	$(VENV)/bin/ruff check tokenloom tests
 	$(PY) -m pytest -q
+
+# Without the tests marked slow (those that load the real SmolLM2 / Gemma 3 files and transformers):
+# under two minutes.
+test-fast: install-test
+	$(VENV)/bin/ruff check tokenloom tests
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install-test
 	$(VENV)/bin/ruff check tokenloom tests

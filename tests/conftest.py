@@ -10,6 +10,19 @@ import pytest
 
 SMOLLM2 = "smollm2-135m-instruct"
 
+# One torch thread unless the environment says otherwise (read when torch is first imported, which is
+# after this file): on a small machine shared with other jobs, a second thread mostly waits for the
+# first and makes the suite several times slower (see one_torch_thread). Results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the real SmolLM2 file (directly or through the fixtures built on it:
+    transformers' copy, the HF directory, the tokenizers) is slow: `make test-fast` leaves it out."""
+    for item in items:
+        if "smollm2_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -293,7 +293,7 @@ def test_device_map_cuda_without_cuda_raises(smollm2_gguf):
 def _weight_bytes(model) -> int:
     """Bytes of parameters and buffers, each storage counted once (the tied embedding is shared)."""
     seen, total = set(), 0
-    for t in [*model.model.parameters(), *model.model.buffers()]:
+    for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -304,7 +304,7 @@ def _weight_bytes(model) -> int:
 def linear_fraction(ours) -> float:
     """Share of the fp32 model's bytes held by the Linear layers that get quantized (not lm_head)."""
     linear = sum(
-        m.weight.numel() * 4 for name, m in ours.model.named_modules()
+        m.weight.numel() * 4 for name, m in ours.named_modules()
         if isinstance(m, nn.Linear) and not name.endswith("lm_head")
     )
     return linear / _weight_bytes(ours)
@@ -324,8 +324,8 @@ def linear_fraction(ours) -> float:
 def test_quantized_loading(smollm2_gguf, ours, linear_fraction, prompt_token_lists, fp32_logits, prompt_ids,
                            kwargs, module_type, bytes_per_weight, logit_share, min_top1):
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf), **kwargs)
-    quantized = [m for m in model.model.modules() if isinstance(m, module_type)]
-    linears = [name for name, m in model.model.named_modules() if isinstance(m, nn.Linear)]
+    quantized = [m for m in model.modules() if isinstance(m, module_type)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(quantized) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
     assert all(name.endswith("lm_head") for name in linears)  # only the (tied) output head stays
     # memory: the quantized share shrinks from 4 bytes per weight to `bytes_per_weight`

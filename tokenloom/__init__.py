@@ -41,7 +41,15 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'tokenloom' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names (tab completion, help()) and the submodules already imported, without
+    importing anything."""
+    return sorted({*__all__, *(k for k in globals() if not k.startswith("_"))} - {"annotations", "TYPE_CHECKING", "Any"})
 
 
 __all__ = [

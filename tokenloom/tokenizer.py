@@ -74,9 +74,12 @@ class Tokenizer:
     def from_pretrained(
         cls, name_or_path: str | Path, gguf_file: str | None = None, *, revision: str | None = None
     ) -> Tokenizer:
-        """Resolve a path, `tokenloom pull` name or hub id (see `resolve_model`) and load its tokenizer."""
+        """Resolve a path, `tokenloom pull` name or hub id (see `resolve_model`) and load its tokenizer;
+        a directory holding tokenizer.json is a tokenizer directory (what tokenizer.save_pretrained writes)."""
         from tokenloom.loading.resolve import resolve_model
 
+        if gguf_file is None and Path(name_or_path).is_dir() and (Path(name_or_path) / "tokenizer.json").is_file():
+            return cls.from_source(ModelSource(kind="hf", path=Path(name_or_path).absolute()))
         return cls.from_source(resolve_model(str(name_or_path), gguf_file, revision=revision))
 
     # ---- encode / decode -------------------------------------------------------------------------

@@ -10,8 +10,6 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,6 +22,11 @@ from tokenloom.compat.generate_output import (
     per_step,
 )
 from tokenloom.compat.generation_config import GenerationConfig
+from tokenloom.compat.model_config import ModelConfig
+from tokenloom.compat.module import EngineModule
+from tokenloom.compat.padding import infer_attention_mask as _infer_attention_mask
+from tokenloom.compat.padding import repad as _repad
+from tokenloom.compat.padding import strip_padding as _strip_padding
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
 from tokenloom.errors import ModelLoadError
@@ -32,35 +35,26 @@ from tokenloom.loading import LoadedModel, load_model
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # [batch, seq_len, vocab]; padded positions hold zeros
+class TokenloomForCausalLM(EngineModule):
+    """What AutoModelForCausalLM.from_pretrained returns: a torch module bound to its own engine.
 
+    Its module tree is the model's own, under transformers' names (`model.layers.0.self_attn.q_proj`,
+    `lm_head`), so parameters(), named_parameters(), state_dict(), modules() and `model.model` work as
+    with transformers (see EngineModule for forward, save_pretrained, to(), ...)."""
 
-class ModelConfig(SimpleNamespace):
-    """config.json as attributes (config.hidden_size, config.model_type, ...)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return vars(self).get(key, default)
-
-
-class TokenloomForCausalLM:
-    """What AutoModelForCausalLM.from_pretrained returns: a model bound to its own engine."""
-
-    def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None) -> None:
-        self._loaded = loaded
-        self.model = loaded.model
-        self.config = ModelConfig(**loaded.checkpoint.config)
+    def __init__(
+        self, loaded: LoadedModel, engine_config: EngineConfig | None = None, name_or_path: str | None = None
+    ) -> None:
+        super().__init__(loaded)
+        causal_lm = loaded.model
+        self.name_or_path = str(name_or_path if name_or_path is not None else loaded.checkpoint.source.path)
+        self.config = ModelConfig.for_model(loaded.checkpoint.config, type(causal_lm), self.name_or_path, loaded.dtype)
         self.generation_config = self._default_generation_config(loaded)
-        self.name_or_path = str(loaded.checkpoint.source.path)
         try:  # for stop_strings, the EOS lint and pipeline(); a checkpoint may come without one
             tokenizer: Tokenizer | None = Tokenizer.from_source(loaded.checkpoint.source)
         except ModelLoadError:
             tokenizer = None
-        self.engine = Engine(loaded.model, engine_config, tokenizer=tokenizer)
+        self.engine = Engine(causal_lm, engine_config, tokenizer=tokenizer)
         if tokenizer is not None:
             eos = self.generation_config.eos_token_ids
             extra = end_of_turn_stops(tokenizer, eos, stacklevel=3)
@@ -73,45 +67,6 @@ class TokenloomForCausalLM:
         if ckpt.generation_config:
             return GenerationConfig.from_dict(ckpt.generation_config)
         return GenerationConfig.from_model_config(ckpt.config)
-
-    # ---- torch-module-like surface ----------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self._loaded.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._loaded.dtype
-
-    def eval(self) -> TokenloomForCausalLM:
-        return self
-
-    def to(self, device: str | torch.device) -> TokenloomForCausalLM:
-        """Move to another device (rebuilds the KV cache there)."""
-        from tokenloom.device import resolve_device
-
-        target = resolve_device(device)
-        if target != self.device:
-            self.model.to(target)
-            self._loaded.device = target
-            self.engine = Engine(self.model, self.engine.config, tokenizer=self.engine.tokenizer)
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
-        return self.forward(input_ids, attention_mask)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """Logits for every position of every row (padding stripped, then zero-filled back)."""
-        rows, positions = _strip_padding(input_ids, attention_mask)
-        per_row = self.engine.prompt_logits(rows)
-        vocab = self.model.config.vocab_size
-        logits = torch.zeros((*input_ids.shape, vocab), dtype=self.dtype, device=self.device)
-        for i, (row_logits, pos) in enumerate(zip(per_row, positions)):
-            logits[i, pos.to(logits.device)] = row_logits
-        return CausalLMOutput(logits=logits)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(
@@ -153,7 +108,7 @@ class TokenloomForCausalLM:
         )
         if not plan.return_dict_in_generate:
             return sequences
-        vocab = self.model.config.vocab_size
+        vocab = self.causal_lm.config.vocab_size
         if plan.is_beam_search:
             return self._beam_output(sequences, results, plan, vocab)
         return GenerateOutput(
@@ -315,58 +270,6 @@ def _explicit_settings(generation_config: Any) -> dict[str, Any]:
     raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
 
 
-def _infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """As transformers: pad tokens are masked when a pad id is set, present and not an EOS id."""
-    pad = config.pad_token_id
-    if pad is not None and pad not in config.eos_token_ids and bool((input_ids == pad).any()):
-        return (input_ids != pad).long()
-    return torch.ones_like(input_ids)
-
-
-def _strip_padding(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Per row: the unmasked token ids and their column positions."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-    ids = input_ids.detach().cpu()
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
-        )
-    rows, positions = [], []
-    for i in range(ids.shape[0]):
-        pos = mask[i].nonzero().flatten()
-        if pos.numel() == 0:
-            raise ValueError(f"row {i} of the batch has no tokens (its attention_mask is all zeros)")
-        rows.append(ids[i, pos].tolist())
-        positions.append(pos)
-    return rows, positions
-
-
-def _repad(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, generated: list[list[int]], pad_token_id: int | None
-) -> torch.Tensor:
-    """Left-padded (and unpadded) rows keep their layout with new tokens appended at the input width;
-    a right-padded row becomes prompt + new tokens followed by padding."""
-    batch, width = input_ids.shape
-    longest = max((len(g) for g in generated), default=0)
-    pad = pad_token_id if pad_token_id is not None else 0
-    out = torch.full((batch, width + longest), pad, dtype=input_ids.dtype)
-    ids = input_ids.detach().cpu()
-    mask = attention_mask.detach().cpu().bool()
-    for i, new in enumerate(generated):
-        pos = mask[i].nonzero().flatten()
-        leading = int(pos[0])  # left padding stays; any padding after the prompt moves to the end
-        real = ids[i, pos]
-        out[i, :leading] = ids[i, :leading]
-        out[i, leading : leading + len(real)] = real
-        start = leading + len(real)
-        out[i, start : start + len(new)] = torch.tensor(new, dtype=input_ids.dtype)
-    return out.to(input_ids.device)
-
-
 class AutoModelForCausalLM:
     """`AutoModelForCausalLM.from_pretrained(name_or_path, ...)` as in transformers."""
 
@@ -419,7 +322,7 @@ class AutoModelForCausalLM:
             revision=revision,
             progress=progress,
         )
-        return TokenloomForCausalLM(loaded, engine_config)
+        return TokenloomForCausalLM(loaded, engine_config, name_or_path=os.fspath(pretrained_model_name_or_path))
 
 
 def _get(config: Any, key: str) -> Any:

