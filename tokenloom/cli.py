@@ -109,9 +109,11 @@ def _load(args: argparse.Namespace):
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """Reject bad sampling flags (SamplingParams' own messages) before the slow model load."""
-    from tokenloom.sampling_params import SamplingParams
+    from tokenloom.sampling_params import build_sampling_params
 
-    SamplingParams(**{k: v for k, v in _sampling_flags(args).items() if v is not None})
+    flags = {k: v for k, v in _sampling_flags(args).items() if v is not None}
+    names = {k: "--max-new-tokens" if k == "max_tokens" else "--" + k.replace("_", "-") for k in flags}
+    build_sampling_params(flags, names)  # errors name the flag: "--top-p must be in (0, 1], got 2.0"
 
 
 def _sampling_flags(args: argparse.Namespace) -> dict[str, Any]:

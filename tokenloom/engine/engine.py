@@ -93,7 +93,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = self.checked_ids("prompt token ids", prompt_token_ids)
         self.check_param_ids(params)
-        stop = self._checked_stop(params.stop)
+        stop = self._checked_stop(params)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         if len(prompt) >= self.max_model_len:
@@ -138,11 +138,10 @@ class Engine:
         self.checked_ids("bad_words_ids", [t for word in params.bad_words_ids for t in word])
         self.checked_ids("sequence_bias", [t for key in params.sequence_bias for t in key])
 
-    def _checked_stop(self, stop: str | list[str]) -> list[str]:
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        bad = [s for s in stop if not isinstance(s, str) or not s]
-        if bad:
-            raise ValueError(f"stop strings must be non-empty strings, got {bad[:5]!r}")
+    def _checked_stop(self, params: SamplingParams) -> list[str]:
+        """The request's stop strings (their form is checked by SamplingParams): they are matched on
+        the detokenized text, so they need the engine's tokenizer."""
+        stop = params.stop
         if stop and self.tokenizer is None:
             raise ValueError(
                 f"stop strings {stop[:5]!r} need a tokenizer to match the generated text, and this engine "
