@@ -1,4 +1,4 @@
-"""`tokenloom` command line (L6): generate, chat, pull, bench."""
+"""`tokenloom` command line (L6): generate, chat, pull, bench, serve."""
 
 from __future__ import annotations
 
@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from tokenloom.serving import cli as serving_cli  # serve and bench serve live with the server
+
+    serve = sub.add_parser("serve", help="OpenAI- and TGI-compatible HTTP server with a web chat page")
+    serving_cli.add_serve_arguments(serve)
+    serve.set_defaults(func=serving_cli.cmd_serve)
+    bench_sub = bench.add_subparsers(dest="bench_command")
+    bench_serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (ours or llama-server)")
+    serving_cli.add_bench_serve_arguments(bench_serve)
+    bench_serve.set_defaults(func=serving_cli.cmd_bench_serve)
     return parser
 
 
