@@ -121,7 +121,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     access_log=False, timeout_graceful_shutdown=10), app)
     print(f"tokenloom: serving {name} on http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1)",
           file=sys.stderr)
-    server.run()
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again for the previous handler:
+    # after a clean shutdown that is an exit with status 0, not a traceback.
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("tokenloom: server stopped", file=sys.stderr)
     return 0
 
 
