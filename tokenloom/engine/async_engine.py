@@ -223,7 +223,7 @@ class AsyncEngine:
                 _, prepared, sink = message
                 try:
                     self.engine.enqueue(prepared)
-                except ValueError as exc:
+                except Exception as exc:  # refused (an id in use) or failed: this request only
                     self._deliver([(sink, _failed(prepared.request_id, prepared.seq.prompt_token_ids, exc))])
                     continue
                 self._sinks[prepared.request_id] = sink
