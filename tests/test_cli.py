@@ -180,7 +180,7 @@ def test_invalid_sampling_flag_is_a_one_line_error(smollm2_gguf, capsys, flag, v
     assert code == 1
     lines = error_lines(err)
     assert lines[0].startswith("tokenloom: error: ")
-    assert name in lines[0] and value in lines[0]
+    assert flag in lines[0] and value in lines[0]  # named as the user typed it: --top-p, not top_p
     assert len(lines) == 2 and lines[1].startswith("hint: ")
     assert "loaded" not in err  # rejected before the model is loaded
     assert "Traceback" not in err
