@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
@@ -70,19 +69,19 @@ class Trace:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     first_token: float | None = None
-    last_token: float | None = None
     queue_time: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     inter_token: list[float] = field(default_factory=list)
+    last_token: dict[int, float] = field(default_factory=dict)  # per engine request (choice)
 
-    def saw(self, out: RequestOutput) -> None:
+    def saw(self, index: int, out: RequestOutput) -> None:
         now = time.monotonic()
         if out.new_token_ids:
             if self.first_token is None:
                 self.first_token = now
-            elif self.last_token is not None:
-                self.inter_token.append(now - self.last_token)
-            self.last_token = now
+            if index in self.last_token:
+                self.inter_token.append(now - self.last_token[index])
+            self.last_token[index] = now
             self.num_output_tokens += len(out.new_token_ids)
         if out.finished:
             self.finish_reasons.append(out.finish_reason or "unknown")
@@ -174,7 +173,7 @@ class ServingContext:
                         raise ApiError(503, str(item), code="engine_dead")
                     raise item
                 index, out = item
-                trace.saw(out)
+                trace.saw(index, out)
                 if out.finished:
                     remaining -= 1
                     if out.error is not None:
@@ -230,6 +229,3 @@ async def unless_disconnected(request: Request, work: Any) -> Any:
         if not task.done():
             task.cancel()
 
-
-def replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    return dataclasses.replace(params, **changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -79,8 +80,6 @@ def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     """n samples of one prompt: each its own seed (seed, seed + 1, ...) so they differ yet repeat."""
     if n == 1 or params.seed is None:
         return [params] * n
-    import dataclasses
-
     return [dataclasses.replace(params, seed=(params.seed + j) % 2**63) for j in range(n)]
 
 
