@@ -274,32 +274,29 @@ def test_llm_stream_async_closed_early_aborts(llm):
         await stream.aclose()
 
     asyncio.run(main())
-    assert not llm.engine.has_unfinished()
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    # closing sent an abort message; a call queued after it runs once the loop has handled it
+    bm = llm.engine.block_manager
+    assert llm.async_engine.call(lambda engine: not engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks)
 
 
 def test_llm_stream_async_cancelled_while_queueing_leaves_nothing_behind(llm):
-    """Cancelled while its worker thread waits for the engine lock: the request must not stay queued
-    with no consumer (it would hold KV blocks and keep the engine busy forever)."""
-    lock = llm.__dict__.setdefault("_step_lock", threading.Lock())
+    """Cancelled before the engine loop took its request: the abort message follows the add, so the
+    request is not left queued with no consumer (it would hold KV blocks and keep the engine busy)."""
 
     async def main() -> None:
         stream = llm.stream_async("Once upon a time,", SamplingParams(temperature=0.0, max_tokens=50))
         task = asyncio.ensure_future(anext(stream))
-        lock.acquire()
-        try:
-            await asyncio.sleep(0.3)  # the worker thread is now waiting for the lock
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            lock.release()
+        await asyncio.sleep(0)  # the add is queued; the loop has not answered yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(main())
+    idle = lambda engine: not engine.has_unfinished() and not engine._mailbox  # noqa: E731
     deadline = time.monotonic() + 30
-    while (llm.engine.has_unfinished() or llm.engine._mailbox) and time.monotonic() < deadline:
+    while not llm.async_engine.call(idle) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not llm.engine.has_unfinished() and not llm.engine._mailbox
+    assert llm.async_engine.call(idle)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 

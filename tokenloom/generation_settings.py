@@ -8,11 +8,19 @@ value and the allowed range. A setting that is absent or None takes transformers
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tokenloom.sampling_params import SamplingParams, check_int, check_number, is_token_id
+from tokenloom.sampling_params import (
+    ParameterError,
+    SamplingParams,
+    build_sampling_params,
+    check,
+    check_int,
+    is_token_id,
+    logit_bias_to_sequence_bias,
+)
 
 # transformers' default when neither the caller nor max_length says how long to generate (>= 5: new tokens)
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -165,7 +173,7 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         min_new = 0
     sampling = bool(values["do_sample"])
     stops = values["stop_strings"]
-    params = SamplingParams(
+    params = build_sampling_params(dict(
         temperature=float(values["temperature"]) if sampling else 0.0,
         top_k=int(values["top_k"]) if sampling else 0,
         top_p=float(values["top_p"]) if sampling else 1.0,
@@ -192,7 +200,7 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         max_time=float(values["max_time"]) if values["max_time"] is not None else None,
         output_scores=bool(values["output_scores"]),
         output_logits=bool(values["output_logits"]),
-    )
+    ), _FIELD_NAMES)
     return DecodingPlan(
         sampling=params,
         num_beams=int(values["num_beams"]),
@@ -234,109 +242,93 @@ def eos_token_ids(eos: Any) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-# ---- validation ------------------------------------------------------------------------------
+# ---- validation: transformers' names mapped onto sampling_params' table ----------------------
+
+# transformers name -> the table entry (`tokenloom.sampling_params.RANGES`) that holds its range
+TRANSFORMERS_NAMES: dict[str, str] = {
+    "max_length": "max_tokens",
+    "max_new_tokens": "max_tokens",
+    "min_length": "min_tokens",
+    "min_new_tokens": "min_tokens",
+    "do_sample": "do_sample",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "epsilon_cutoff": "epsilon_cutoff",
+    "eta_cutoff": "eta_cutoff",
+    "repetition_penalty": "repetition_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "num_beams": "num_beams",
+    "num_return_sequences": "num_return_sequences",
+    "length_penalty": "length_penalty",
+    "max_time": "max_time",
+    "seed": "seed",
+    "suppress_tokens": "suppress_tokens",
+    "begin_suppress_tokens": "begin_suppress_tokens",
+    "bad_words_ids": "bad_words_ids",
+    "stop_strings": "stop",
+    "renormalize_logits": "renormalize_logits",
+    "output_scores": "output_scores",
+    "output_logits": "output_logits",
+    "return_dict_in_generate": "flag",
+    "use_cache": "flag",
+}
+# SamplingParams field -> transformers name, for errors raised while building SamplingParams
+_FIELD_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "stop": "stop_strings",
+                "stop_token_ids": "eos_token_id"}
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(name: str, value: Any, allowed: str, ok: Callable[[Any], bool]) -> None:
-    if not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _token_list(name: str, value: Any) -> None:
-    _check(name, value, "a list of token ids (integers >= 0)",
-           lambda v: isinstance(v, (list, tuple)) and all(is_token_id(t) for t in v))
-
-
 def _validate(v: dict[str, Any]) -> None:
-    def number(name: str, allowed: str, ok: Callable[[float], bool]) -> None:
-        check_number(name, v[name], allowed, ok)
-
-    def integer(name: str, allowed: str, ok: Callable[[int], bool]) -> None:
-        check_int(name, v[name], allowed, ok)
-
-    def boolean(name: str) -> None:
-        _check(name, v[name], "True or False", lambda x: isinstance(x, bool))
-
-    integer("max_length", "an integer >= 1", lambda x: x >= 1)
-    if v["max_new_tokens"] is not None:
-        integer("max_new_tokens", "an integer >= 1", lambda x: x >= 1)
-    integer("min_length", "an integer >= 0", lambda x: x >= 0)
-    if v["min_new_tokens"] is not None:
-        integer("min_new_tokens", "an integer >= 0", lambda x: x >= 0)
-        if v["max_new_tokens"] is not None and v["min_new_tokens"] > v["max_new_tokens"]:
-            raise ValueError(
-                f"min_new_tokens must be <= max_new_tokens ({v['max_new_tokens']}), got {v['min_new_tokens']}"
-            )
-    for name in ("do_sample", "renormalize_logits", "output_scores", "output_logits", "return_dict_in_generate",
-                 "use_cache"):
-        boolean(name)
-    number("temperature", "a finite number >= 0", lambda x: x >= 0)
-    if v["do_sample"] and v["temperature"] == 0:
-        raise ValueError(
-            "temperature must be > 0 when do_sample=True, got 0 (use do_sample=False for greedy decoding)"
+    for name, entry in TRANSFORMERS_NAMES.items():
+        if v[name] is not None:
+            check(entry, v[name], name)
+    if v["stop_strings"] == "":
+        raise ParameterError("stop_strings", "", "a non-empty string or a list of non-empty strings")
+    if v["min_new_tokens"] is not None and v["max_new_tokens"] is not None and v["min_new_tokens"] > v["max_new_tokens"]:
+        raise ParameterError(
+            "min_new_tokens", v["min_new_tokens"], f"<= max_new_tokens ({v['max_new_tokens']})"
         )
-    integer("top_k", "an integer >= 0 (0 disables it)", lambda x: x >= 0)
-    number("top_p", "in (0, 1]", lambda x: 0 < x <= 1)
-    if v["min_p"] is not None:
-        number("min_p", "in [0, 1]", lambda x: 0 <= x <= 1)
-    number("typical_p", "in (0, 1] (1 disables it)", lambda x: 0 < x <= 1)
-    number("epsilon_cutoff", "in [0, 1) (0 disables it)", lambda x: 0 <= x < 1)
-    number("eta_cutoff", "in [0, 1) (0 disables it)", lambda x: 0 <= x < 1)
-    number("repetition_penalty", "a number > 0 (1 disables it)", lambda x: x > 0)
-    integer("no_repeat_ngram_size", "an integer >= 0 (0 disables it)", lambda x: x >= 0)
-    number("presence_penalty", "in [-2, 2]", lambda x: -2 <= x <= 2)
-    number("frequency_penalty", "in [-2, 2]", lambda x: -2 <= x <= 2)
-    integer("num_beams", "an integer >= 1", lambda x: x >= 1)
-    integer("num_return_sequences", "an integer >= 1", lambda x: x >= 1)
-    number("length_penalty", "a finite number", lambda x: True)
-    _check("early_stopping", v["early_stopping"], "True, False or 'never'",
-           lambda x: x is True or x is False or x == "never")
+    if v["do_sample"] and v["temperature"] == 0:
+        raise ParameterError(
+            "temperature", 0, "> 0 when do_sample=True",
+            "temperature must be > 0 when do_sample=True, got 0 (use do_sample=False for greedy decoding)",
+        )
+    if not (v["early_stopping"] is True or v["early_stopping"] is False or v["early_stopping"] == "never"):
+        raise ParameterError("early_stopping", v["early_stopping"], "True, False or 'never'")
     if v["num_return_sequences"] > 1:
         if v["num_beams"] == 1 and not v["do_sample"]:
-            raise ValueError(
+            raise ParameterError(
+                "num_return_sequences", v["num_return_sequences"], "1 with greedy decoding",
                 f"num_return_sequences must be 1 with greedy decoding (do_sample=False, num_beams=1), got "
-                f"{v['num_return_sequences']}; set do_sample=True or num_beams >= num_return_sequences"
+                f"{v['num_return_sequences']}; set do_sample=True or num_beams >= num_return_sequences",
             )
         if v["num_beams"] > 1 and v["num_return_sequences"] > v["num_beams"]:
-            raise ValueError(
-                f"num_return_sequences must be <= num_beams ({v['num_beams']}) in beam search, got "
-                f"{v['num_return_sequences']}"
+            raise ParameterError(
+                "num_return_sequences", v["num_return_sequences"], f"<= num_beams ({v['num_beams']}) in beam search"
             )
     if v["num_beams"] > 1:
         # the beam driver is transformers' deterministic beam search; these need hooks it does not have
         for name, off in (("do_sample", False), ("stop_strings", None), ("max_time", None)):
             if v[name] != off:
-                raise ValueError(
+                raise ParameterError(
+                    name, v[name], f"{off!r} with beam search",
                     f"{name}={v[name]!r} is not supported by tokenloom with beam search (num_beams="
-                    f"{v['num_beams']}); leave it at {off!r} or use num_beams=1"
+                    f"{v['num_beams']}); leave it at {off!r} or use num_beams=1",
                 )
-    if v["max_time"] is not None:
-        number("max_time", "a number of seconds > 0", lambda x: x > 0)
-    if v["seed"] is not None:
-        integer("seed", "an integer >= 0", lambda x: x >= 0)
-    if isinstance(v["eos_token_id"], (list, tuple)):
-        _token_list("eos_token_id", v["eos_token_id"])
-    elif v["eos_token_id"] is not None:
-        integer("eos_token_id", "a token id (an integer >= 0) or a list of them", lambda x: x >= 0)
+    eos = v["eos_token_id"]
+    if eos is not None:
+        check("stop_token_ids", list(eos) if isinstance(eos, (list, tuple)) else [eos], "eos_token_id")
     for name in ("pad_token_id", "bos_token_id"):  # transformers only warns about negative ones
         if v[name] is not None:
-            integer(name, "a token id (an integer)", lambda x: True)
-    for name in ("suppress_tokens", "begin_suppress_tokens"):
-        if v[name] is not None:
-            _token_list(name, v[name])
-    if v["bad_words_ids"] is not None:
-        _check("bad_words_ids", v["bad_words_ids"], "a list of non-empty lists of token ids",
-               lambda x: isinstance(x, (list, tuple)) and all(
-                   isinstance(s, (list, tuple)) and s and all(is_token_id(t) for t in s) for s in x))
-    stops = v["stop_strings"]
-    if stops is not None:
-        _check("stop_strings", stops, "a non-empty string or a list of non-empty strings",
-               lambda x: (isinstance(x, str) and x != "")
-               or (isinstance(x, (list, tuple)) and all(isinstance(s, str) and s for s in x)))
+            check_int(name, v[name], "a token id (an integer)", lambda x: True)
     if v["sequence_bias"] is not None:
         _sequence_bias(v["sequence_bias"], None)
     if v["logit_bias"] is not None:
@@ -356,21 +348,14 @@ def _sequence_bias(sequence_bias: Any, logit_bias: Any) -> dict[tuple[int, ...],
         ):
             pairs = list(sequence_bias)
         else:
-            raise ValueError(f"sequence_bias must be {allowed}, got {sequence_bias!r}")
+            raise ParameterError("sequence_bias", sequence_bias, allowed)
         for ids, bias in pairs:
             ids = (ids,) if _is_int(ids) else ids
             if not (isinstance(ids, (list, tuple)) and ids and all(is_token_id(t) for t in ids)):
-                raise ValueError(f"sequence_bias keys must be non-empty sequences of token ids, got {ids!r}")
-            check_number("sequence_bias", bias, "a finite number per sequence", lambda b: True)
+                raise ParameterError("sequence_bias", ids, "keyed by non-empty sequences of token ids")
+            check("token_bias", bias, "sequence_bias")
             out[tuple(int(t) for t in ids)] = float(bias)
     if logit_bias is not None:
-        if not isinstance(logit_bias, Mapping):
-            raise ValueError(f"logit_bias must be a dict {{token_id: bias}}, got {logit_bias!r}")
-        for token, bias in logit_bias.items():
-            token_id = int(token) if isinstance(token, str) and token.isdigit() else token
-            _check("logit_bias", token, "keyed by token ids (integers >= 0)",
-                   lambda _t, i=token_id: is_token_id(i))
-            check_number("logit_bias", bias, "a number in [-100, 100] per token", lambda b: -100 <= b <= 100)
-            key = (int(token_id),)
-            out[key] = out.get(key, 0.0) + float(bias)
+        for key, bias in logit_bias_to_sequence_bias(logit_bias).items():
+            out[key] = out.get(key, 0.0) + bias
     return out

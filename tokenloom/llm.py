@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import threading
@@ -11,12 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenloom.config import EngineConfig
-from tokenloom.engine.engine import Engine
+from tokenloom.engine.async_engine import AsyncEngine
+from tokenloom.engine.engine import Engine, RequestFailedError
 from tokenloom.generation_settings import DEFAULTS, UNSUPPORTED, eos_token_ids, resolve, to_sampling_params
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput, TokenLogprob
 from tokenloom.sampling_params import SamplingParams
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
+
+_ASYNC_START_LOCK = threading.Lock()
 
 # SamplingParams fields that are applied as given, after the transformers-named mapping
 _PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -54,6 +56,7 @@ class LLM:
         self.engine = Engine(self.loaded.model, engine_config, tokenizer=self.tokenizer)
         self.generation_defaults = dict(self.loaded.checkpoint.generation_config)
         self._stop_token_ids = self._model_stop_ids()
+        self._async_engine: AsyncEngine | None = None
 
     # ---- parameters -----------------------------------------------------------------------
     def _model_stop_ids(self) -> list[int]:
@@ -106,10 +109,16 @@ class LLM:
         batch = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
         plist = [self._with_stop_ids(p) for p in _per_prompt(params or self.sampling_params(), len(batch))]
         encoded = [self._encode(p) for p in batch]
-        ids = self.engine.add_requests([(tokens, p) for (_, tokens), p in zip(encoded, plist)])
+        if self._async_engine is not None:  # the loop owns the engine now: go through it
+            prepared = [self.engine.prepare_request(tokens, p) for (_, tokens), p in zip(encoded, plist)]
+            ids = [r.request_id for r in prepared]
+            outputs: Iterator[RequestOutput] = _raising(self._async_engine.stream(prepared))
+        else:
+            ids = self.engine.add_requests([(tokens, p) for (_, tokens), p in zip(encoded, plist)])
+            outputs = self.engine.stream(ids)
         results: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
-        for out in self.engine.stream(ids):
+        for out in outputs:
             if out.logprobs is not None:
                 logprobs.setdefault(out.request_id, []).extend(out.logprobs)
             if out.finished:
@@ -126,58 +135,41 @@ class LLM:
         """Yield an output per generated token; text deltas are UTF-8 safe. Streams of several
         prompts may be interleaved: each receives only its own outputs."""
         _, tokens = self._encode(prompt)
-        request_id = self.engine.add_request(tokens, self._with_stop_ids(params or self.sampling_params()))
+        params = self._with_stop_ids(params or self.sampling_params())
+        if self._async_engine is not None:
+            yield from _raising(self._async_engine.stream([self.engine.prepare_request(tokens, params)]))
+            return
+        request_id = self.engine.add_request(tokens, params)
         yield from self.engine.stream([request_id])
 
     async def stream_async(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """`stream` as an async generator: each engine step runs in a worker thread, so the event
-        loop stays free while the model computes. Several stream_async calls on one LLM may run
-        concurrently (they take turns stepping the shared engine). Closing the generator early,
-        or cancelling the task that iterates it, aborts the request."""
+        """`stream` as an async generator, a client of the engine loop (`async_engine`): the model
+        runs in the loop's thread, so the event loop stays free. Any number of stream_async calls may
+        run concurrently; they are batched together. Closing the generator early, or cancelling the
+        task that iterates it, aborts the request before the engine's next step."""
         _, tokens = self._encode(prompt)
-        params = self._with_stop_ids(params or self.sampling_params())
+        prepared = self.engine.prepare_request(tokens, self._with_stop_ids(params or self.sampling_params()))
+        async for out in self.async_engine.generate(prepared):
+            if out.error is not None:
+                raise RequestFailedError(f"request {out.request_id!r} failed: {out.error}") from out.exception
+            yield out
 
-        # One lock per LLM, made on first use (dict.setdefault is atomic): steps never overlap.
-        lock: threading.Lock = self.__dict__.setdefault("_step_lock", threading.Lock())
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The loop that owns this LLM's engine, started on first use; from then on `generate` and
+        `stream` go through it too (one thread steps the engine)."""
+        with _ASYNC_START_LOCK:
+            if self._async_engine is None:
+                self._async_engine = AsyncEngine(self.engine)
+        return self._async_engine
 
-        def locked(call: Any, *args: Any) -> Any:
-            with lock:
-                return call(*args)
-
-        # Queued under the lock too: another stream_async may be stepping the engine right now. If
-        # this task is cancelled while the worker thread waits for the lock, the request must still
-        # not be left queued with no one to consume it: whichever of `add` and `undo` gets the lock
-        # second sees what the first did.
-        state: dict[str, Any] = {"cancelled": False, "request_id": None}
-
-        def add() -> str | None:
-            with lock:
-                if not state["cancelled"]:
-                    state["request_id"] = self.engine.add_request(tokens, params)
-                return state["request_id"]
-
-        def undo() -> None:
-            with lock:
-                state["cancelled"] = True
-                if state["request_id"] is not None:
-                    self.engine.abort(state["request_id"])
-
-        try:
-            request_id = await asyncio.to_thread(add)
-        except asyncio.CancelledError:
-            threading.Thread(target=undo, daemon=True).start()
-            raise
-        outputs = self.engine.stream([request_id])
-        done = object()
-        try:
-            while (out := await asyncio.to_thread(locked, next, outputs, done)) is not done:
-                yield out
-        finally:
-            # Also after a cancellation: the step that was running finishes first (the lock), then
-            # closing the stream aborts the request if it has not finished.
-            await asyncio.to_thread(locked, outputs.close)
+    def close(self) -> None:
+        """Stop the engine loop, if one was started (aborting what it still runs)."""
+        if self._async_engine is not None:
+            self._async_engine.shutdown()
+            self._async_engine = None
 
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         """The model's EOS ids are stop ids for every request unless it sets ignore_eos."""
@@ -191,6 +183,13 @@ class LLM:
         text) replaces the model's own, e.g. for a base model that ships none."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=chat_template)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _raising(outputs: Iterator[RequestOutput]) -> Iterator[RequestOutput]:
+    for out in outputs:
+        if out.error is not None:
+            raise RequestFailedError(f"request {out.request_id!r} failed: {out.error}") from out.exception
+        yield out
 
 
 def _is_id_list(value: Any) -> bool:

@@ -33,6 +33,23 @@ class TokenIdsSlice:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request passed each stage (time.monotonic() seconds), on its final output: arrival
+    (prepared), first scheduled (its queue time ends), first token, finished."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     """One request's progress after a step.
 
@@ -40,10 +57,12 @@ class RequestOutput:
         (token_ids may be given as a TokenIdsSlice: it is copied into a list on first read).
     text: a tail that could still begin a stop string is held back until it no longer can, so the
         deltas so far always join to `text`, and never to a piece of a stop string that gets cut.
-    finish_reason: None while running, else "eos", "stop", "length", "time" or "abort".
+    finish_reason: None while running, else "eos", "stop", "length", "time", "abort" or "error".
     stop_reason: what ended it: the stop string matched (finish_reason "stop") or the stop token id
         generated (finish_reason "eos"); None otherwise.
     logprobs: one TokenLogprob per new token when SamplingParams.logprobs is set, else None.
+    error / exception: with finish_reason "error", what the step that failed this request raised.
+    metrics: timings of the request, on its final output.
     scores / logits: per new token, the processed scores / raw logits row ([vocab] tensors) when
         SamplingParams.output_scores / output_logits is set, else None.
     """
@@ -60,6 +79,9 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     scores: list[Any] | None = None
     logits: list[Any] | None = None
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    metrics: RequestMetrics | None = field(default=None, compare=False)
 
 
 def _get_token_ids(self: RequestOutput) -> list[int]:

@@ -1,4 +1,4 @@
-"""`tokenloom` command line (L6): generate, chat, pull, list, rm, bench.
+"""`tokenloom` command line (L6): generate, chat, pull, list, rm, bench, serve.
 
 Each subcommand lives in a module with `register(subparsers)`, which adds its parser (through
 `tokenloom.cli.common.add_command`, for the shared conventions) and sets `func` to the function that
@@ -20,6 +20,7 @@ COMMANDS = (
     "tokenloom.cli.chat",
     "tokenloom.cli.models",
     "tokenloom.cli.bench",
+    "tokenloom.cli.serve",
 )
 
 EXAMPLES = (

@@ -63,6 +63,16 @@ def name_flags(message: str) -> str:
     return _PARAM_NAME.sub(lambda m: PARAM_FLAGS[m.group(1)] + (" " if m.group(2) else ""), message)
 
 
+def flag_message(exc: Exception) -> str:
+    """The message of a rejected parameter, naming the CLI flag: the one parameter table renames its
+    own errors (sampling_params.ParameterError); other messages have their names replaced."""
+    from tokenloom.sampling_params import ParameterError
+
+    if isinstance(exc, ParameterError):
+        return str(exc.renamed(PARAM_FLAGS))
+    return name_flags(str(exc))
+
+
 def close_matches(word: str, choices: Sequence[str], limit: int = 1) -> list[str]:
     """The choices that look like a misspelling of `word` (underscores read as dashes; an unambiguous
     prefix counts), closest first."""

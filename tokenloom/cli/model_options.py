@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenloom.cli.common import CliError, UsageError, human_size, name_flags, note, show_progress
+from tokenloom.cli.common import (
+    PARAM_FLAGS,
+    CliError,
+    UsageError,
+    flag_message,
+    human_size,
+    name_flags,
+    note,
+    show_progress,
+)
 from tokenloom.config import DEFAULT_MODEL
 from tokenloom.threads import ENV_VAR as THREADS_ENV_VAR
 from tokenloom.threads import default_num_threads
@@ -106,13 +115,13 @@ def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Reject bad sampling flags and thread counts before anything is pulled or loaded, naming the
     flag (--top-p, not top_p); the thread count is kept as `args.num_threads`."""
-    from tokenloom.sampling_params import SamplingParams
+    from tokenloom.sampling_params import build_sampling_params
     from tokenloom.threads import resolve_num_threads
 
     try:
-        SamplingParams(**{k: v for k, v in sampling_flags(args).items() if v is not None})
+        build_sampling_params({k: v for k, v in sampling_flags(args).items() if v is not None}, PARAM_FLAGS)
     except ValueError as exc:
-        raise UsageError(name_flags(str(exc)), hint=f"run `tokenloom {args.command} --help` for the ranges") from None
+        raise UsageError(flag_message(exc), hint=f"run `tokenloom {args.command} --help` for the ranges") from None
     try:
         args.num_threads = resolve_num_threads(args.threads)
     except ValueError as exc:
@@ -124,7 +133,7 @@ def sampling_params(llm: Any, args: argparse.Namespace) -> Any:
     try:
         return llm.sampling_params(**sampling_flags(args))
     except ValueError as exc:
-        raise UsageError(name_flags(str(exc)), hint=f"run `tokenloom {args.command} --help` for the ranges") from None
+        raise UsageError(flag_message(exc), hint=f"run `tokenloom {args.command} --help` for the ranges") from None
 
 
 # ---------------------------------------------------------------- loading

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tokenloom.engine.scheduler import ScheduledSequence, SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.sampling.beam import BeamSettings, BeamState
-from tokenloom.sampling_params import SamplingParams, check_int, check_number
+from tokenloom.sampling_params import ParameterError, SamplingParams, check, check_int
 
 if TYPE_CHECKING:
     import torch
@@ -62,16 +62,16 @@ class BeamSearchParams:
     output_logits: bool = False
 
     def __post_init__(self) -> None:
-        check_int("num_beams", self.num_beams, ">= 1", lambda v: v >= 1)
-        check_number("length_penalty", self.length_penalty, "a finite number", lambda v: True)
+        check("num_beams", self.num_beams)
+        check("length_penalty", self.length_penalty)
         self.length_penalty = float(self.length_penalty)
         if not any(self.early_stopping is v for v in (True, False)) and self.early_stopping != "never":
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise ParameterError("early_stopping", self.early_stopping, "True, False or 'never'")
         check_int(
             "num_return_sequences", self.num_return_sequences, f"in [1, num_beams={self.num_beams}]",
             lambda v: 1 <= v <= self.num_beams,
         )
-        check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
+        check("max_tokens", self.max_tokens)
         check_int(
             "min_tokens", self.min_tokens, f"in [0, max_tokens={self.max_tokens}]",
             lambda v: 0 <= v <= self.max_tokens,
@@ -80,12 +80,12 @@ class BeamSearchParams:
             check_int("stop_token_ids", token_id, "integers >= 0", lambda v: v >= 0)
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         if not isinstance(self.sampling_params, SamplingParams):
-            raise ValueError(
-                f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}"
+            raise ParameterError(
+                "sampling_params", self.sampling_params, "a SamplingParams",
+                f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}",
             )
-        for name in ("output_scores", "output_logits"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check("output_scores", self.output_scores)
+        check("output_logits", self.output_logits)
 
 
 @dataclass

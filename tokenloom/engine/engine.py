@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,10 +16,10 @@ from tokenloom.cache.kv_cache import KVCache
 from tokenloom.config import EngineConfig
 from tokenloom.device import memory_bytes_available
 from tokenloom.engine.model_runner import ModelRunner, StepResult
-from tokenloom.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from tokenloom.engine.sequence import FinishReason, Sequence
+from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
+from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
 from tokenloom.models.base import CausalLM
-from tokenloom.outputs import RequestOutput, TokenIdsSlice
+from tokenloom.outputs import RequestMetrics, RequestOutput, TokenIdsSlice
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -25,6 +27,26 @@ if TYPE_CHECKING:
     from tokenloom.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class RequestFailedError(RuntimeError):
+    """A step failed while computing this request (the model or the sampler raised); the request was
+    finished with finish_reason "error" and its blocks were freed. The cause is chained."""
+
+
+@dataclass
+class PreparedRequest:
+    """A request checked and ready to queue: what `Engine.prepare_request` (any thread) hands to
+    `Engine.enqueue` (the thread that steps the engine). Nothing in the engine refers to it yet."""
+
+    request_id: str
+    seq: Sequence
+    seed: int | None  # None: greedy (no generator)
+    detokenizer: IncrementalDetokenizer | None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
 
 
 class Engine:
@@ -87,13 +109,24 @@ class Engine:
         torch's global generator, so `torch.manual_seed`/`set_seed` make runs repeatable.
         Requests with stop strings (`params.stop`) need the engine's tokenizer, even when
         `detokenize` is False: the strings are matched on the detokenized output."""
-        index = next(self._counter)
+        return self.enqueue(self.prepare_request(prompt_token_ids, params, request_id, detokenize))
+
+    def prepare_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        detokenize: bool = True,
+    ) -> PreparedRequest:
+        """Every check a request needs, without touching the engine's state, so any thread may run it
+        (a server handler refuses a bad request here, before it reaches the engine loop): vocabulary,
+        context length and KV capacity, stop strings, the seed and the detokenizer. Raises ValueError
+        naming the problem."""
+        index = next(self._counter)  # itertools.count: atomic under the GIL
         request_id = request_id if request_id is not None else f"req-{index}"
-        if request_id in self._sequences:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = self.checked_ids("prompt token ids", prompt_token_ids)
         self.check_param_ids(params)
-        stop = self._checked_stop(params.stop)
+        stop = self._checked_stop(params)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         if len(prompt) >= self.max_model_len:
@@ -101,18 +134,39 @@ class Engine:
                 f"prompt has {len(prompt)} tokens; the model's context length is {self.max_model_len}, "
                 "which leaves no room to generate"
             )
+        if self.scheduler.kv_window is None:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            if len(prompt) + 1 > capacity:
+                raise ValueError(
+                    f"request {request_id!r}: prompt of {len(prompt)} tokens cannot fit the KV cache of "
+                    f"{capacity} tokens; raise num_kv_blocks or shorten the prompt"
+                )
         seq = Sequence(request_id, prompt, params, index, max_total_tokens=self.max_model_len)
-        # Everything that can fail comes before the request is queued.
+        seed = None
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.runner.register_seed(request_id, seed)
+        detokenizer = None
         if (detokenize or stop) and self.tokenizer is not None:
             from tokenloom.detokenizer import IncrementalDetokenizer
 
-            self._detokenizers[request_id] = IncrementalDetokenizer(
+            detokenizer = IncrementalDetokenizer(
                 self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens, stop=stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
+        return PreparedRequest(request_id, seq, seed, detokenizer)
+
+    def enqueue(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request; only the thread that steps the engine may call this. Raises
+        ValueError when its id is already in use (nothing is queued then)."""
+        request_id, seq = prepared.request_id, prepared.seq
+        if request_id in self._sequences:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_ids:
+            raise ValueError(f"request {request_id!r} was already queued once; prepare it again")
+        if prepared.seed is not None:
+            self.runner.register_seed(request_id, prepared.seed)
+        if prepared.detokenizer is not None:
+            self._detokenizers[request_id] = prepared.detokenizer
         try:
             self.scheduler.add(seq)
         except BaseException:
@@ -138,11 +192,10 @@ class Engine:
         self.checked_ids("bad_words_ids", [t for word in params.bad_words_ids for t in word])
         self.checked_ids("sequence_bias", [t for key in params.sequence_bias for t in key])
 
-    def _checked_stop(self, stop: str | list[str]) -> list[str]:
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        bad = [s for s in stop if not isinstance(s, str) or not s]
-        if bad:
-            raise ValueError(f"stop strings must be non-empty strings, got {bad[:5]!r}")
+    def _checked_stop(self, params: SamplingParams) -> list[str]:
+        """The request's stop strings (their form is checked by SamplingParams): they are matched on
+        the detokenized text, so they need the engine's tokenizer."""
+        stop = params.stop
         if stop and self.tokenizer is None:
             raise ValueError(
                 f"stop strings {stop[:5]!r} need a tokenizer to match the generated text, and this engine "
@@ -165,30 +218,71 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that changed."""
+        """Schedule, run the model once, sample, and report every request that changed.
+
+        A step that raises fails only the requests it touched: each is finished with finish_reason
+        "error" (its output carries the message, its blocks go back to the pool) and the engine goes on
+        serving the others. `stream` and `run` raise RequestFailedError for such an output."""
         out: SchedulerOutput = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not place any waiting request in the KV cache")
             return []
+        now = time.monotonic()
+        for item in out.scheduled:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
         # Which runner row belongs to which request, taken before update() advances the sequences.
         rows = {item.seq.request_id: row for row, item in enumerate(i for i in out.scheduled if i.samples)}
-        result = self.runner.step(out)
-        touched = self.scheduler.update(out, result.sampled_token_ids)
+        try:
+            result = self.runner.step(out)
+            touched = self.scheduler.update(out, result.sampled_token_ids)
+        except Exception as exc:
+            return self._fail([item.seq for item in out.scheduled], exc)
         outputs = []
         try:
             for seq in touched:
-                outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
+                try:
+                    outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
+                except Exception as exc:
+                    outputs.extend(self._fail([seq], exc))
         finally:  # even if an output fails, finished requests give back their per-request state
             for seq in touched:
                 if seq.is_finished:
                     self._release(seq)
         return outputs
 
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        """Finish `seqs` with "error" after a step raised on them: blocks freed, state released."""
+        logger.error(
+            "a step failed for %d request(s) (%s): %s: %s", len(seqs),
+            ", ".join(s.request_id for s in seqs[:8]), type(exc).__name__, exc, exc_info=exc,
+        )
+        message = f"{type(exc).__name__}: {exc}"
+        outputs = []
+        for seq in seqs:
+            if seq.request_id not in self._sequences:
+                continue  # already finished and reported
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            self._release(seq)
+            outputs.append(RequestOutput(
+                request_id=seq.request_id,
+                prompt_token_ids=seq.prompt_token_ids,
+                token_ids=seq.output_token_ids,
+                finished=True,
+                finish_reason=FinishReason.ERROR.value,
+                error=message,
+                exception=exc,
+                metrics=_metrics(seq),
+            ))
+        return outputs
+
     def run(self) -> Iterator[RequestOutput]:
         """Step until every queued request has finished, yielding each output."""
         while self.has_unfinished():
-            yield from self.step()
+            for out in self.step():
+                _raise_if_failed(out)
+                yield out
 
     def add_requests(
         self, requests: list[tuple[list[int], SamplingParams]], detokenize: bool = True
@@ -216,6 +310,7 @@ class Engine:
                     for out in self._mailbox.pop(request_id):
                         if out.finished:
                             pending.discard(request_id)
+                        _raise_if_failed(out)
                         yield out
                 # A request aborted by another caller: its consumer still learns that it ended.
                 for request_id in [r for r in request_ids if r in pending]:
@@ -254,6 +349,8 @@ class Engine:
                 delta += detok.flush()
         if seq.finish_reason is FinishReason.EOS:
             stop_reason = seq.token_ids[-1]
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -267,6 +364,7 @@ class Engine:
             logprobs=_row_extra(result.logprobs, row),
             scores=_row_extra(result.scores, row),
             logits=_row_extra(result.logits, row),
+            metrics=_metrics(seq) if seq.is_finished else None,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -278,33 +376,25 @@ class Engine:
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Logits [len_i, vocab] for every position of each prompt, through the paged cache.
         Blocks are borrowed from the pool and returned; must not run while requests are queued."""
-        if self.has_unfinished():
-            raise RuntimeError("prompt_logits needs an idle engine")
-        results: list[torch.Tensor] = []
-        prompts = [self.checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
-        pending = [Sequence(f"score-{i}", p, SamplingParams(), -1) for i, p in enumerate(prompts)]
-        while pending:
-            batch, budget = [], self.config.max_num_batched_tokens
-            while pending and (not batch or pending[0].num_tokens <= budget):
-                seq = pending[0]
-                if not self.block_manager.can_allocate(seq, seq.num_tokens):
-                    if not batch:
-                        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-                        raise ValueError(
-                            f"a prompt of {seq.num_tokens} tokens does not fit the KV cache of {capacity} "
-                            "tokens; raise EngineConfig.num_kv_blocks or kv_cache_memory_bytes"
-                        )
-                    break
-                pending.pop(0)
-                self.block_manager.allocate(seq, seq.num_tokens)
-                batch.append(ScheduledSequence(seq, seq.num_tokens))
-                budget -= seq.num_tokens
-            try:
-                results.extend(self.runner.all_logits(SchedulerOutput(scheduled=batch)))
-            finally:
-                for item in batch:
-                    self.block_manager.free(item.seq)
-        return results
+        from tokenloom.engine.scoring import prompt_logits
+
+        return prompt_logits(self, prompts)
+
+
+def _raise_if_failed(out: RequestOutput) -> None:
+    if out.error is not None:
+        raise RequestFailedError(f"request {out.request_id!r} failed: {out.error}") from out.exception
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    return RequestMetrics(
+        arrival_time=seq.arrival_time,
+        first_scheduled_time=seq.first_scheduled_time,
+        first_token_time=seq.first_token_time,
+        finished_time=time.monotonic(),
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_generated_tokens=seq.num_output_tokens,
+    )
 
 
 def _row_extra(values: list, row: int) -> list | None:

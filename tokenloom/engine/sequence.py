@@ -25,6 +25,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # the caller aborted the request
     STOP = "stop"  # a stop string appeared in the detokenized output (checked by the engine)
     TIME = "time"  # SamplingParams.max_time elapsed since the request was added
+    ERROR = "error"  # a step raised while computing it (the engine went on with the others)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     max_total_tokens: int | None = None  # prompt + generated may not exceed this (context length)
     arrival_time: float = field(default_factory=time.monotonic)  # for max_time
+    first_scheduled_time: float | None = None  # set by the engine: the end of its queue time
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
