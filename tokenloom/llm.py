@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
+from tokenloom.engine.memory import MemoryUsage
 from tokenloom.generation_settings import DEFAULTS, UNSUPPORTED, eos_token_ids, resolve, to_sampling_params
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput, TokenLogprob
@@ -54,6 +55,10 @@ class LLM:
         self.engine = Engine(self.loaded.model, engine_config, tokenizer=self.tokenizer)
         self.generation_defaults = dict(self.loaded.checkpoint.generation_config)
         self._stop_token_ids = self._model_stop_ids()
+
+    def memory_usage(self) -> MemoryUsage:
+        """Bytes of the weights and the KV pool, and the process's peak memory so far."""
+        return self.engine.memory_usage()
 
     # ---- parameters -----------------------------------------------------------------------
     def _model_stop_ids(self) -> list[int]:

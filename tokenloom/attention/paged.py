@@ -25,16 +25,19 @@ class AttentionGroup:
     query_index: [batch, num_queries] flat token index of each query.
     token_index: [batch * num_queries] where each output row goes in the flat batch.
     context_slots: [batch, num_keys] cache slots of each sequence's keys (padding and freed blocks
-        point at some slot of the pool and are masked).
+        point at some slot of the pool and are masked); None when context_blocks is given.
     mask: [batch, 1, num_queries, num_keys], True where a query may attend a key; None when the
         group is one chunk computed from position 0 that no window cuts, which is plain causal
         attention.
+    context_blocks: [batch, num_blocks] the blocks holding each sequence's keys, read whole (keys
+        then number num_blocks * block_size, in block order), instead of context_slots.
     """
 
     query_index: torch.Tensor
     token_index: torch.Tensor
-    context_slots: torch.Tensor
+    context_slots: torch.Tensor | None
     mask: torch.Tensor | None
+    context_blocks: torch.Tensor | None = None
 
 
 @dataclass
@@ -276,7 +279,10 @@ def _attend(
     scale: float,
     gqa: bool,
 ) -> torch.Tensor:
-    keys, values = kv_cache.gather(layer, group.context_slots)  # [batch, ctx, kv_heads, dim]
+    if group.context_blocks is not None:
+        keys, values = kv_cache.gather_blocks(layer, group.context_blocks)  # [batch, ctx, kv_heads, dim]
+    else:
+        keys, values = kv_cache.gather(layer, group.context_slots)
     q = query[group.query_index].transpose(1, 2)  # [batch, heads, num_queries, dim]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [batch, kv_heads, ctx, dim]
     if gqa and group.mask is not None and q.is_cuda:
