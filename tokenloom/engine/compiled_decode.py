@@ -2,9 +2,10 @@
 LM head for decode-only steps, as gpt-fast and nano-vllm do it, with the attention metadata as
 tensors of fixed shape (`DecodeMetadata`).
 
-Rows are padded to a batch-size bucket, so a handful of graphs serves every batch size; padding
+Rows are padded to a batch-size bucket, so a handful of shapes serves every batch size; padding
 rows write to the cache's scratch slot. On the CPU inductor's C++ backend compiles the step with the
-block-table width dynamic (one graph per bucket, whatever the context length). On CUDA the step is
+block-table width dynamic (whatever the context length); after the first two buckets dynamo's
+automatic dynamic shapes make the batch dimension dynamic too, so two compilations serve all. On CUDA the step is
 compiled with mode="reduce-overhead" (CUDA graphs), the width rounded up to a power of two so that
 few graphs are recorded. A bucket whose compilation fails is never tried again: its steps run eagerly.
 """
@@ -62,6 +63,11 @@ class CompiledDecode:
         self._graphs: dict[int, Callable[..., torch.Tensor]] = {}
         self._failed: set[int] = set()
         self.compile_seconds: dict[int, float] = {}  # bucket -> time of its first (compiling) call
+        # Dynamo keeps one cache for `_forward` across instances: with the pool size dynamic, engines
+        # with pools of other sizes (and models of the same shapes) reuse the graphs instead of
+        # recompiling until the recompile limit.
+        for pool in (*kv_cache.keys, *kv_cache.values):
+            torch._dynamo.mark_dynamic(pool, 0)
 
     def bucket_for(self, rows: int) -> int | None:
         """The smallest bucket holding `rows` rows, None when none does."""
@@ -83,8 +89,6 @@ class CompiledDecode:
             options: dict[str, Any] = {"fullgraph": True}
             if self.is_cuda:
                 options["mode"] = "reduce-overhead"
-            else:
-                options["dynamic"] = False  # the width is marked dynamic on each call instead
             graph = torch.compile(self._forward, **options)
             self._graphs[bucket] = graph
         return graph
@@ -107,7 +111,7 @@ class CompiledDecode:
         if self.is_cuda:
             packed = packed.pin_memory().to(self.device, non_blocking=True)
         else:
-            torch._dynamo.mark_dynamic(packed, 1, min=6)
+            torch._dynamo.mark_dynamic(packed, 1)
         first = bucket not in self.compile_seconds
         start = time.perf_counter()
         try:
