@@ -45,6 +45,8 @@ if [[ ! -x "$venv/.installed" ]]; then
     # requirement to a newer, multi-GB CUDA build
     "${nice_[@]}" "$venv/bin/python" -m pip install -q torch==2.13.0
     "${nice_[@]}" "$venv/bin/python" -m pip install -q torch==2.13.0 openvino-genai "optimum-intel[openvino]" nncf
+    # a torchvision built for another torch breaks transformers' imports in optimum-cli; text needs none
+    "$venv/bin/python" -m pip uninstall -q -y torchvision || true
     touch "$venv/.installed" && chmod +x "$venv/.installed"
 fi
 

@@ -35,6 +35,7 @@ class DecodeMetadata:
     block_size: int
     query_lens: list[int] | None = None
     context_lens: list[int] | None = None
+    first_block: int | None = None  # eager, one row whose blocks are consecutive: its first block
     _groups: dict[int | None, list[AttentionGroup]] = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -98,6 +99,10 @@ class DecodeMetadata:
         meta = cls.from_packed(packed, block_size)
         meta.query_lens = [1] * len(input_ids)
         meta.context_lens = list(context_lens)
+        if len(block_tables) == 1:
+            table = block_tables[0]
+            if table[0] >= 0 and table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[-1] + 1)):
+                meta.first_block = table[0]
         return meta
 
     def groups_for(self, window: int | None) -> list[AttentionGroup]:
@@ -110,6 +115,13 @@ class DecodeMetadata:
         return groups
 
     def _group(self, window: int | None) -> AttentionGroup:
+        if self.first_block is not None and self.context_lens is not None:  # a view of the pool, exact
+            end = self.context_lens[0]
+            start = max(0, end - window) if window is not None else 0
+            base = self.first_block * self.block_size
+            index = self.positions.new_zeros(1)
+            return AttentionGroup(query_index=index[:, None], token_index=index, context_slots=None, mask=None,
+                                  context_range=(base + start, base + end))
         rows, max_blocks = self.block_table.shape
         block_size = self.block_size
         device = self.block_table.device
