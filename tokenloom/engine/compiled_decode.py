@@ -7,7 +7,8 @@ rows write to the cache's scratch slot. On the CPU inductor's C++ backend compil
 block-table width dynamic (whatever the context length); after the first two buckets dynamo's
 automatic dynamic shapes make the batch dimension dynamic too, so two compilations serve all. On CUDA the step is
 compiled with mode="reduce-overhead" (CUDA graphs), the width rounded up to a power of two so that
-few graphs are recorded. A bucket whose compilation fails is never tried again: its steps run eagerly.
+few graphs are recorded. If a compilation fails (a model whose forward reads per-step Python lists,
+say) no bucket is tried again: every decode step runs eagerly.
 """
 
 from __future__ import annotations
@@ -119,9 +120,9 @@ class CompiledDecode:
         except Exception as exc:  # a model this backend cannot compile: eager from now on
             if not first:
                 raise
-            logger.warning("compiled decode for %d rows failed (%s: %s); running it eagerly", bucket,
-                           type(exc).__name__, exc)
-            self._failed.add(bucket)
+            logger.warning("compiled decode for %d rows failed (%s: %s); decode steps run eagerly from now on",
+                           bucket, type(exc).__name__, exc)
+            self._failed.update(self.buckets)  # the model, not the bucket, is what failed: never retrace
             return None
         if first:
             self.compile_seconds[bucket] = time.perf_counter() - start
