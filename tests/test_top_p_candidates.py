@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from tokenloom.sampling.processors import _top_p_of_candidates, apply_top_p
+from tokenloom.sampling.top_p import _top_p_of_candidates, apply_top_p
 
 VOCAB = 49152  # SmolLM2's
 TOP_PS = [0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0, 0.7]
