@@ -4,8 +4,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= A list of colors: red, blue
+# Where `make bench-peers` builds llama.cpp and the OpenVINO virtualenv (outside the repository).
+PEERS ?= $(HOME)/.cache/tokenloom/peers
+BENCH_MODEL ?= smollm2-135m-instruct
 
-.PHONY: run test test-fast install install-test lint bench clean
+.PHONY: run test test-fast install install-test lint bench bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +46,15 @@ lint: install-test
 	$(VENV)/bin/ruff check tokenloom tests
 
 bench: install-test
-	$(VENV)/bin/tokenloom bench
+	$(VENV)/bin/tokenloom bench $(if $(wildcard $(PEERS)),--peers $(PEERS))
+
+# llama.cpp's llama-bench and llama-server from the tree vendored in the llama-cpp-python sdist, and
+# OpenVINO GenAI in its own virtualenv with the model exported to int4; none of it is a test
+# dependency. An existing build is reused. About 15 minutes on 2 cores the first time.
+bench-peers: install-test
+	$(VENV)/bin/tokenloom pull $(BENCH_MODEL)
+	bash scripts/bench-peers.sh "$(PEERS)" "$(abspath $(PY))" \
+		"$$($(PY) -c 'from tokenloom.loading.pull import pull; print(pull("$(BENCH_MODEL)", progress=False))')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tokenloom.serving.cli import parse_size
+from tokenloom.serving.cli import parse_kv_memory, parse_size
 
 
 def test_sizes_parse_with_units():
@@ -26,6 +26,17 @@ def test_sizes_parse_with_units():
     for bad in ("12XB", "-1", "lots", "0"):
         with pytest.raises(argparse.ArgumentTypeError, match="size"):
             parse_size(bad)
+
+
+def test_kv_cache_memory_takes_a_size_or_a_fraction_of_free_memory():
+    from tokenloom.config import EngineConfig
+
+    assert parse_kv_memory("0.5") == 0.5 and parse_kv_memory("1.0") == 1.0
+    assert parse_kv_memory("1") == 1 and parse_kv_memory("2GiB") == 2 * 2**30  # bytes, not a fraction
+    assert EngineConfig(kv_cache_memory=parse_kv_memory("0.25")).kv_cache_memory == 0.25
+    for bad in ("0.0", "-0.5", "half"):
+        with pytest.raises(argparse.ArgumentTypeError, match="size"):
+            parse_kv_memory(bad)
 
 
 @pytest.mark.slow

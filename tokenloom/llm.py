@@ -12,6 +12,7 @@ from typing import Any
 from tokenloom.config import EngineConfig
 from tokenloom.engine.async_engine import AsyncEngine
 from tokenloom.engine.engine import Engine, RequestFailedError
+from tokenloom.engine.memory import MemoryUsage
 from tokenloom.generation_settings import DEFAULTS, UNSUPPORTED, eos_token_ids, resolve, to_sampling_params
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.outputs import RequestOutput, TokenLogprob
@@ -57,6 +58,10 @@ class LLM:
         self.generation_defaults = dict(self.loaded.checkpoint.generation_config)
         self._stop_token_ids = self._model_stop_ids()
         self._async_engine: AsyncEngine | None = None
+
+    def memory_usage(self) -> MemoryUsage:
+        """Bytes of the weights and the KV pool, and the process's peak memory so far."""
+        return self.engine.memory_usage()
 
     # ---- parameters -----------------------------------------------------------------------
     def _model_stop_ids(self) -> list[int]:

@@ -9,7 +9,9 @@ class KVCache:
     """Per layer, keys and values of shape [num_blocks, block_size, num_kv_heads, head_dim].
 
     Token slot `s` lives at block `s // block_size`, offset `s % block_size`. The model writes new
-    keys/values with `write` and reads a gathered view with `gather`; nothing else touches the pool.
+    keys/values with `write` and reads them with `gather` (by slot) or `gather_blocks` (whole
+    blocks); nothing else touches the pool. One block past `num_blocks` belongs to no sequence: its
+    first slot (`scratch_slot`) is where padding rows of a fixed-size decode batch write.
     """
 
     def __init__(
@@ -27,9 +29,15 @@ class KVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_slot = num_blocks * block_size
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool, keys and values of every layer."""
+        return sum(t.nbytes for t in (*self.keys, *self.values))
 
     @staticmethod
     def bytes_per_block(
@@ -46,6 +54,17 @@ class KVCache:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # slots: [batch, max_context] -> keys, values: [batch, max_context, num_kv_heads, head_dim]
         return self.keys[layer][slots], self.values[layer][slots]
+
+    def gather_blocks(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # block_table: [batch, num_blocks] (entries >= 0) -> keys, values:
+        # [batch, num_blocks * block_size, num_kv_heads, head_dim]; one contiguous block copied at a time
+        batch, width = block_table.shape
+        flat = block_table.reshape(-1)
+        shape = (batch, width * self.block_size, self.num_kv_heads, self.head_dim)
+        blocks = (-1, self.block_size, self.num_kv_heads, self.head_dim)
+        keys = self.keys[layer].view(blocks).index_select(0, flat).view(shape)
+        values = self.values[layer].view(blocks).index_select(0, flat).view(shape)
+        return keys, values
 
     def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
         """Copy whole blocks, keys and values of every layer, from src_ids[i] to dst_ids[i]: the data

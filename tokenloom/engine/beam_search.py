@@ -172,7 +172,7 @@ def _groups(engine: Engine, states: list[_Prompt], num_beams: int) -> list[list[
             raise ValueError(
                 f"prompt {state.index} ({len(state.token_ids)} tokens) with num_beams={num_beams} and "
                 f"{state.max_new} new tokens may need {need} KV blocks, the pool has {manager.num_free_blocks} "
-                f"({capacity} tokens); raise EngineConfig.num_kv_blocks or kv_cache_memory_bytes"
+                f"({capacity} tokens); raise EngineConfig.num_kv_blocks or kv_cache_memory"
             )
         if groups and used + need <= manager.num_free_blocks and rows + num_beams <= engine.config.max_num_seqs:
             groups[-1].append(state)

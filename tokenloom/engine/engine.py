@@ -14,7 +14,7 @@ import torch
 from tokenloom.cache.block_manager import BlockManager
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.config import EngineConfig
-from tokenloom.device import memory_bytes_available
+from tokenloom.engine.memory import MemoryUsage, kv_budget_bytes, module_bytes, peak_bytes
 from tokenloom.engine.model_runner import ModelRunner, StepResult
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -78,24 +78,35 @@ class Engine:
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             kv_window=mc.kv_window,
         )
-        self.runner = ModelRunner(model, self.kv_cache, self.device)
+        self.runner = ModelRunner(
+            model, self.kv_cache, self.device, compile=self.config.compile,
+            compile_after=self.config.compile_after, max_num_seqs=self.config.max_num_seqs,
+        )
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._mailbox: dict[str, list[RequestOutput]] = {}  # outputs awaiting their own stream()
         self._counter = itertools.count()
 
     def _blocks_for_budget(self, block_size: int) -> int:
+        """Blocks the KV budget (EngineConfig.kv_cache_memory) pays for, and never more than
+        max_num_seqs full-length sequences could use."""
         mc = self.model.config
         per_block = KVCache.bytes_per_block(
             mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
-        budget = self.config.kv_cache_memory_bytes
-        free = memory_bytes_available(self.device)
-        if free is not None:
-            budget = min(budget, int(free * 0.8))
-        # Never more than the pool could use: max_num_seqs full-length sequences.
+        budget = kv_budget_bytes(self.config.kv_cache_memory, self.device)
         most_useful = self.config.max_num_seqs * -(-self.max_model_len // block_size)
         return max(1, min(budget // per_block, most_useful))
+
+    def memory_usage(self) -> MemoryUsage:
+        """Bytes held by the weights and the KV pool, and the process's peak so far."""
+        return MemoryUsage(
+            weights=module_bytes(self.model),
+            kv_cache=self.kv_cache.nbytes,
+            num_kv_blocks=self.kv_cache.num_blocks,
+            peak=peak_bytes(self.device),
+            device=self.device.type,
+        )
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(

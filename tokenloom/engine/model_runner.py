@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenloom.attention.decode import DecodeMetadata
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
+from tokenloom.engine.compiled_decode import CompiledDecode, can_compile
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
@@ -56,13 +58,33 @@ class BeamStepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device) -> None:
+    """`compile`: True runs decode-only steps through compiled graphs (`CompiledDecode`), each batch
+    bucket compiled on its first use; False (the default) keeps every step eager; None compiles
+    once `compile_after` decode-only steps have run eagerly (a one-off generate never pays for a
+    compilation). Without a working compiler (no C++ compiler for inductor on the CPU) every step
+    is eager."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        device: torch.device,
+        *,
+        compile: bool | None = False,
+        compile_after: int = 256,
+        max_num_seqs: int = 64,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
         # per-request processor state (seen ids, counts, n-gram tables) kept across steps
         self._sampling_state = SamplingState(device)
+        self.compiled: CompiledDecode | None = None
+        if compile is not False and can_compile(device):
+            self.compiled = CompiledDecode(model, kv_cache, device, max_num_seqs)
+        self._compile_after = 0 if compile else compile_after
+        self.num_decode_steps = 0  # decode-only steps run so far
 
     @property
     def block_size(self) -> int:
@@ -100,19 +122,45 @@ class ModelRunner:
         return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
 
     @torch.inference_mode()
-    def step(self, out: SchedulerOutput) -> StepResult:
-        hidden = self.forward_hidden(out)
-        rows: list[int] = []
-        offset = 0
-        sampling = []
+    def decode_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode-only step (every scheduled sequence one new token):
+        through the compiled graph when it is on and ready, else eagerly over DecodeMetadata."""
+        input_ids, context_lens, block_tables = [], [], []
         for item in out.scheduled:
-            offset += item.num_new_tokens
-            if item.samples:
-                rows.append(offset - 1)
-                sampling.append(item.seq)
-        if not rows:
+            seq = item.seq
+            end = seq.num_computed_tokens + 1
+            input_ids.append(seq.token_ids[end - 1])
+            context_lens.append(end)
+            block_tables.append(seq.block_ids)
+        self.num_decode_steps += 1
+        compiled = self.compiled
+        if compiled is not None and self.num_decode_steps > self._compile_after:
+            logits = compiled.run(input_ids, context_lens, block_tables)
+            if logits is not None:
+                return logits
+        meta = DecodeMetadata.build(
+            input_ids, context_lens, block_tables, self.block_size, self.device, self.kv_cache.scratch_slot
+        )
+        hidden = self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def step(self, out: SchedulerOutput) -> StepResult:
+        sampling = [item.seq for item in out.scheduled if item.samples]
+        if not sampling:
+            self.forward_hidden(out)
             return StepResult([])
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [rows, vocab]
+        if all(item.num_new_tokens == 1 for item in out.scheduled):
+            logits = self.decode_logits(out)  # [num_seqs, vocab]
+            if len(sampling) != len(out.scheduled):
+                keep = [row for row, item in enumerate(out.scheduled) if item.samples]
+                logits = logits[torch.tensor(keep, device=self.device)]
+        else:
+            hidden = self.forward_hidden(out)
+            rows = [end - 1 for end, item in zip(
+                itertools.accumulate(item.num_new_tokens for item in out.scheduled), out.scheduled
+            ) if item.samples]
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [rows, vocab]
         params = [s.params for s in sampling]
         batch = SamplingBatch.build(
             params,

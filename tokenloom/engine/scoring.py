@@ -31,7 +31,7 @@ def prompt_logits(engine: Engine, prompts: list[list[int]]) -> list[torch.Tensor
                     capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
                     raise ValueError(
                         f"a prompt of {seq.num_tokens} tokens does not fit the KV cache of {capacity} "
-                        "tokens; raise EngineConfig.num_kv_blocks or kv_cache_memory_bytes"
+                        "tokens; raise EngineConfig.num_kv_blocks or kv_cache_memory"
                     )
                 break
             pending.pop(0)

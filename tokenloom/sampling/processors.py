@@ -312,20 +312,6 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = N
     return logits.masked_fill(logits < threshold, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """TopPLogitsWarper: drop the tokens whose ascending cumulative probability is <= 1 - top_p,
-    always keeping the most likely token. Rows with top_p >= 1 are left untouched (transformers
-    skips the warper there; the cumulative sum could otherwise drop tokens whose probability
-    underflows to 0). Pass top_p as float64 to round 1 - top_p as transformers' Python float does."""
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    cutoff = (1 - top_p).to(cumulative.dtype)[:, None]  # [rows, 1]
-    remove_sorted = (cumulative <= cutoff) & (top_p < 1)[:, None]
-    remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove, NEG_INF)
-
-
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """MinPLogitsWarper: drop tokens whose probability is below min_p times the top probability,
     keeping the most likely token. Rows with min_p 0 remove nothing."""

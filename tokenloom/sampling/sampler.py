@@ -32,13 +32,13 @@ from tokenloom.sampling.processors import (
     apply_sequence_bias,
     apply_temperature,
     apply_top_k,
-    apply_top_p,
     apply_typical,
     bad_words_for_row,
     ngram_bans_for_row,
     sequence_bias_for_row,
 )
 from tokenloom.sampling.state import SamplingState, concat_pairs, in_vocab, row_settings, wide_float
+from tokenloom.sampling.top_p import apply_top_p
 from tokenloom.sampling_params import SamplingParams
 
 __all__ = [

@@ -28,6 +28,15 @@ def parse_size(text: str) -> int:
     return value
 
 
+def parse_kv_memory(text: str) -> int | float:
+    """`--kv-cache-memory`: a size (`parse_size`) or a fraction of the free memory such as 0.5."""
+    if re.fullmatch(r"\s*(0?\.\d+|1\.0*)\s*", text):
+        fraction = float(text)
+        if fraction > 0:
+            return fraction
+    return parse_size(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -68,8 +77,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> 
     p.add_argument("--max-input-tokens", type=_positive, default=None, help="longest prompt (default: the context)")
     p.add_argument("--max-total-tokens", type=_positive, default=None,
                    help="longest prompt + completion (default: the model's context length)")
-    p.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="KV-cache budget, e.g. 512MiB or 2GB (default: the engine's)")
+    p.add_argument("--kv-cache-memory", type=parse_kv_memory, default=None, metavar="SIZE",
+                   help="KV-cache budget: a size such as 512MiB or 2GB, or a fraction of the free memory "
+                   "such as 0.5 (default: 1GiB on the CPU, 0.9 of the free memory on a GPU)")
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="requests batched in one engine step")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file used instead of the model's own (base models ship none)")
@@ -100,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     engine_fields: dict[str, Any] = {}
     if args.kv_cache_memory is not None:
-        engine_fields["kv_cache_memory_bytes"] = args.kv_cache_memory
+        engine_fields["kv_cache_memory"] = args.kv_cache_memory
     if args.max_num_seqs is not None:
         engine_fields["max_num_seqs"] = args.max_num_seqs
     engine_config = EngineConfig(**engine_fields)
