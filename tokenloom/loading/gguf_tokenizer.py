@@ -5,6 +5,7 @@ ids, added tokens and decoding agree with `AutoTokenizer.from_pretrained(dir, gg
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from tokenloom.errors import ModelLoadError
+from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.loading.checkpoint import TokenizerData
 from tokenloom.loading.gguf_reader import read_gguf
+
+logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -84,11 +87,26 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
+# The merge rebuild slices every token at every position: sum(len * (len - 1)) characters. Gemma 3's
+# 262k vocabulary needs 9.3M; a crafted one ('a', 'aa', ... 2000 long) 2.7G and ~2M merges.
+MAX_MERGE_REBUILD_CHARS = 64_000_000
+
+
 def generate_merges(
     vocab: dict[str, int], vocab_scores: dict[str, float] | None = None
 ) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary (transformers' `generate_merges`): every split of a token into
-    two vocabulary tokens, ordered by the token's score (best first) or by id when there are no scores."""
+    two vocabulary tokens, ordered by the token's score (best first) or by id when there are no scores.
+    Refuses (TokenizerError) a vocabulary whose rebuild would slice more than MAX_MERGE_REBUILD_CHARS
+    characters, before starting."""
+    work = sum(len(token) * (len(token) - 1) for token in vocab)
+    if work > MAX_MERGE_REBUILD_CHARS:
+        longest = max(vocab, key=len)
+        raise TokenizerError(
+            f"rebuilding BPE merges from this vocabulary of {len(vocab)} tokens would slice {work} characters "
+            f"(limit MAX_MERGE_REBUILD_CHARS={MAX_MERGE_REBUILD_CHARS}); its longest token has {len(longest)} "
+            "characters, real vocabularies' a few dozen",
+        )
     reverse = vocab_scores is not None
     scores = dict(vocab_scores) if vocab_scores is not None else vocab
     merges: list[tuple[str, str, float]] = []
@@ -111,7 +129,7 @@ def _merges(
     md: dict[str, Any], tokens: list[str], vocab_scores: dict[str, float] | None = None
 ) -> list[tuple[str, str]]:
     if "tokenizer.ggml.merges" in md:
-        return [tuple(merge.split(" ")) for merge in md["tokenizer.ggml.merges"]]  # type: ignore[misc]
+        return _parsed_merges(md["tokenizer.ggml.merges"])
     if vocab_scores is None and "tokenizer.ggml.scores" in md:
         vocab_scores = dict(zip(tokens, md["tokenizer.ggml.scores"], strict=False))
     return generate_merges({token: index for index, token in enumerate(tokens)}, vocab_scores)
@@ -125,6 +143,12 @@ def _byte_level(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
         token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
         for index, token in enumerate(tokens)
     }
+    missing = [char for char in spelling.values() if char not in vocab]
+    if missing:  # BPE without an unknown token drops what it cannot spell: such text loses characters
+        logger.warning(
+            "this byte-level vocabulary lacks %d of the 256 byte tokens (e.g. %r); text holding those bytes "
+            "loses them when encoded", len(missing), "".join(missing[:8]),
+        )
     model = BPE(
         vocab=vocab,
         merges=_merges(md, tokens),
@@ -247,10 +271,69 @@ def _template(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, vo
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
+def _parsed_merges(merges: list[str]) -> list[tuple[str, str]]:
+    parsed = []
+    for index, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise TokenizerError(
+                f"tokenizer.ggml.merges[{index}] = {merge[:80]!r} is not two tokens separated by one space"
+            )
+        parsed.append((parts[0], parts[1]))
+    return parsed
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(md: dict[str, Any]) -> None:
+    """The types of the tokenizer metadata this module reads: a wrong one is a TokenizerError naming the
+    key and the value, never an exception from deep inside the rebuild."""
+
+    def bad(key: str, expected: str) -> TokenizerError:
+        value = md[key]
+        shown = f"a list starting {value[:3]!r}" if isinstance(value, list) else repr(value)[:80]
+        return TokenizerError(f"{key} must be {expected}, got {shown} ({type(value).__name__})")
+
+    def list_of(key: str, check: Callable[[Any], bool], expected: str) -> None:
+        if key in md:
+            value = md[key]
+            if not isinstance(value, list) or not all(check(item) for item in value):
+                raise bad(key, expected)
+
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if key in md and not isinstance(md[key], str):
+            raise bad(key, "a string")
+    list_of("tokenizer.ggml.tokens", lambda t: isinstance(t, str), "a list of strings")
+    list_of("tokenizer.ggml.merges", lambda t: isinstance(t, str), "a list of strings")
+    list_of("tokenizer.ggml.token_type", _is_int, "a list of integers")
+    list_of("tokenizer.ggml.scores", lambda t: _is_int(t) or isinstance(t, float), "a list of numbers")
+    for name in ("bos", "eos", "unknown", "padding", "sep", "cls", "mask"):
+        key = f"tokenizer.ggml.{name}_token_id"
+        if key in md and not _is_int(md[key]):
+            raise bad(key, "an integer token id")
+    for name in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+        key = f"tokenizer.ggml.{name}"
+        if key in md and not (isinstance(md[key], bool) or md[key] in (0, 1)):
+            raise bad(key, "true or false")
+
+
 def load_gguf_tokenizer(path: Path) -> TokenizerData:
-    """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model` gpt2, llama or gemma4)."""
+    """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model` gpt2, llama or gemma4).
+
+    Raises ModelLoadError when the file has no tokenizer (or one of a type not supported here) and
+    TokenizerError, naming the file, the key and the value, when its tokenizer metadata is malformed."""
     path = Path(path)
     md = read_gguf(path).metadata
+    try:
+        _check_metadata(md)
+        return _load(path, md)
+    except TokenizerError as exc:
+        raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
+
+
+def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
     tokenizer_type = md.get("tokenizer.ggml.model")
     architecture = md.get("general.architecture", "")
     tokens = md.get("tokenizer.ggml.tokens")
@@ -265,9 +348,14 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
             f"{path}: cannot build a tokenizer of type {tokenizer_type!r} from GGUF metadata",
             hint=f"supported tokenizer.ggml.model values: {', '.join(sorted(_BY_TYPE))}",
         )
-    tokenizer = builder(md, tokens)
     byte_level = tokenizer_type == "gpt2"
-    vocab = _add_file_special_tokens(tokenizer, md, tokens, byte_level)
+    try:
+        tokenizer = builder(md, tokens)
+        vocab = _add_file_special_tokens(tokenizer, md, tokens, byte_level)
+    except TokenizerError:
+        raise
+    except Exception as exc:  # tokenizers raises bare Exceptions (merges naming unknown tokens, ...)
+        raise TokenizerError(f"the tokenizer metadata does not make a tokenizer: {exc}") from exc
     if byte_level and (split := PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre", ""))) is not None:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -310,7 +398,12 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     add_bos = bool(add_bos) and named["bos"] is not None
     add_eos = add_eos and named["eos"] is not None
-    tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, vocab)
+    try:
+        tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, vocab)
+    except Exception as exc:  # a special token whose id the rebuilt vocabulary does not have
+        raise TokenizerError(
+            f"the BOS/EOS tokens {named['bos']!r}/{named['eos']!r} are not in the rebuilt vocabulary: {exc}"
+        ) from exc
     return TokenizerData(
         tokenizer=tokenizer,
         bos_token=named["bos"],

@@ -63,6 +63,8 @@ _BOOLS = (
 )
 _STRINGS = ("model_type", "hidden_act", "hidden_activation", "activation_function")
 _DICTS = ("rope_scaling", "rope_parameters", "text_config")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "half", "float", "double", "auto"})
 # Architectures whose head width is not hidden_size // heads when config.json leaves it out.
 _OWN_HEAD_DIM = ("qwen3", "gemma3", "gemma3_text")
 
@@ -118,6 +120,19 @@ def check_raw_config(raw: Any) -> None:
     for key in _DICTS:
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise _bad(key, raw[key], "an object")
+    vocab = raw.get("vocab_size")
+    limit = vocab if is_int(vocab) and vocab > 0 else 1 << 31
+    for key in _TOKEN_IDS:
+        value = raw.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if key == "pad_token_id" and value == -1:
+            continue  # old configs' "no pad token"
+        if value is not None and not all(is_int(i) and 0 <= i < limit for i in ids):
+            raise _bad(key, value, f"a token id in [0, {limit}) or a list of them")
+    for key in ("torch_dtype", "dtype"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in _DTYPES):
+            raise _bad(key, value, f"one of {', '.join(sorted(_DTYPES))}")
     layer_types = raw.get("layer_types")
     if layer_types is not None and (
         not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)
@@ -175,10 +190,9 @@ def _check_activation(config: Any) -> None:
     from tokenloom.models.layers import activation
 
     for key in ("hidden_act", "hidden_activation", "activation_function"):
-        name = getattr(config, key, None)
-        if name is not None:
+        if hasattr(config, key):
             try:
-                activation(name)
+                activation(getattr(config, key))
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"config key {key!r}: {exc}") from exc
 
