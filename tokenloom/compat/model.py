@@ -26,7 +26,7 @@ from tokenloom.compat.generate_output import (
 from tokenloom.compat.generation_config import GenerationConfig
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
-from tokenloom.errors import ModelLoadError
+from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.generation_settings import UNSUPPORTED_GENERATE_ARGS, DecodingPlan, warn_if_default_length
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
@@ -58,6 +58,8 @@ class TokenloomForCausalLM:
         self.name_or_path = str(loaded.checkpoint.source.path)
         try:  # for stop_strings, the EOS lint and pipeline(); a checkpoint may come without one
             tokenizer: Tokenizer | None = Tokenizer.from_source(loaded.checkpoint.source)
+        except TokenizerError:  # one that is there but malformed fails as AutoTokenizer does
+            raise
         except ModelLoadError:
             tokenizer = None
         self.engine = Engine(loaded.model, engine_config, tokenizer=tokenizer)
