@@ -11,6 +11,7 @@ from typing import Any
 
 from tokenloom.errors import ConfigError, UnsupportedModelError
 from tokenloom.loading.gguf_rope import ROPE_FREQS, refuse_unmapped_rope_tensors
+from tokenloom.loading.gguf_tokenizer import check_tokenizer_metadata
 from tokenloom.models import config_checks
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,7 @@ def check_metadata(metadata: dict[str, Any], architecture: str, tensor_names: li
             ):
                 expected = "a finite number >= 0" if zero_ok else "a finite positive number"
                 raise ConfigError(f"{path}: GGUF key {key!r} must be {expected}, got {value!r}")
-    for key in _TOKEN_ID_KEYS:
-        if key in metadata and not config_checks.is_int(_scalar(key, metadata[key], path)):
-            raise ConfigError(f"{path}: GGUF key {key!r} must be an integer token id, got {metadata[key]!r}")
+    check_tokenizer_metadata(metadata, path)  # token ids and the vocabulary, as the tokenizer checks them
     blocks = {int(m.group(1)) for name in tensor_names if (m := _BLOCK_INDEX.match(name))}
     declared = metadata.get(f"{architecture}.block_count")
     if declared is not None:
@@ -133,9 +132,6 @@ def check_metadata(metadata: dict[str, Any], architecture: str, tensor_names: li
                 f"{path}: GGUF key {architecture + '.block_count'!r} is {declared}, but the tensor table holds "
                 f"{len(blocks)} blocks"
             )
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if tokens is not None and not isinstance(tokens, list):
-        raise ConfigError(f"{path}: GGUF key 'tokenizer.ggml.tokens' must be a list, got {type(tokens).__name__}")
 
 
 def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -> dict[str, Any]:

@@ -287,9 +287,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_tokenizer_metadata(md: dict[str, Any], path: Path) -> None:
+    """The types of the tokenizer metadata (tokenizer.*) this module reads: a wrong one is a TokenizerError
+    naming the file, the key and the value, never an exception from deep inside the rebuild. The model
+    loader runs the same check, so a model and its tokenizer refuse such a file with the same error."""
+    try:
+        _check_metadata(md)
+    except TokenizerError as exc:
+        raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
+
+
 def _check_metadata(md: dict[str, Any]) -> None:
-    """The types of the tokenizer metadata this module reads: a wrong one is a TokenizerError naming the
-    key and the value, never an exception from deep inside the rebuild."""
 
     def bad(key: str, expected: str) -> TokenizerError:
         value = md[key]
@@ -326,8 +334,8 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
     TokenizerError, naming the file, the key and the value, when its tokenizer metadata is malformed."""
     path = Path(path)
     md = read_gguf(path).metadata
+    check_tokenizer_metadata(md, path)
     try:
-        _check_metadata(md)
         return _load(path, md)
     except TokenizerError as exc:
         raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
