@@ -616,8 +616,12 @@ def input_size(*values: Any) -> int:
         if isinstance(item, str):
             total += len(item)
         elif isinstance(item, (list, tuple, dict)):
-            if id(item) in seen:
+            if id(item) in seen:  # the data's own containers stay alive meanwhile, so ids are theirs
                 continue
             seen.add(id(item))
-            stack.extend(item.items() if isinstance(item, dict) else item)
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
     return total
