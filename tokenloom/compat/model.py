@@ -24,6 +24,8 @@ from tokenloom.compat.generate_output import (
     per_step,
 )
 from tokenloom.compat.generation_config import GenerationConfig
+from tokenloom.compat.inputs import check_inputs
+from tokenloom.compat.streamers import stop_requested
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
 from tokenloom.errors import ModelLoadError, TokenizerError
@@ -107,6 +109,7 @@ class TokenloomForCausalLM:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """Logits for every position of every row (padding stripped, then zero-filled back)."""
+        input_ids, attention_mask = check_inputs(input_ids, attention_mask)
         rows, positions = _strip_padding(input_ids, attention_mask)
         per_row = self.engine.prompt_logits(rows)
         vocab = self.model.config.vocab_size
@@ -219,7 +222,8 @@ class TokenloomForCausalLM:
             request_ids = self.engine.add_requests(requests, detokenize=bool(params.stop))
             results = {rid: RowResult([]) for rid in request_ids}
             index = {rid: i for i, rid in enumerate(request_ids)}
-            for out in self.engine.stream(request_ids):
+            stream = self.engine.stream(request_ids)
+            for out in stream:
                 result = results[out.request_id]
                 result.token_ids.extend(out.new_token_ids)
                 result.scores.extend(out.scores or [])
@@ -230,6 +234,9 @@ class TokenloomForCausalLM:
                     streamer.put(torch.tensor(out.new_token_ids))
                 elif streamer is not None:
                     streamer.put_row(index[out.request_id], torch.tensor(out.new_token_ids))
+                if streamer is not None and stop_requested(streamer):
+                    stream.close()  # the consumer left: its unfinished requests are aborted in the engine
+                    break
             return [results[rid] for rid in request_ids]
         finally:
             if streamer is not None:
@@ -302,9 +309,7 @@ def _inputs(
             attention_mask = encoding.get("attention_mask")
     if input_ids is None:
         raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None, :]
-    return input_ids, attention_mask
+    return check_inputs(input_ids, attention_mask)
 
 
 def _explicit_settings(generation_config: Any) -> dict[str, Any]:
