@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TOKENLOOM_DEBUG"):
             raise
         _error(f"{type(exc).__name__}: {exc}", "set TOKENLOOM_DEBUG=1 to see the full traceback")
+    except MemoryError:
+        if os.environ.get("TOKENLOOM_DEBUG"):
+            raise
+        _error("out of memory", "use a smaller model or a smaller --max-new-tokens; TOKENLOOM_DEBUG=1 shows where")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
