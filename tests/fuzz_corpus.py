@@ -99,6 +99,8 @@ HOSTILE_TEMPLATES: dict[str, str] = {
     "allocation_loop": "{% for i in range(100000) %}{% set x = ('x' * 10000) ~ ('y' * 10000) %}{% endfor %}",
     "retained_copies": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
                        "{% set ns.l = ns.l + [ns.s ~ 'x'] %}{% endfor %}",
+    "retained_slices": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
+                       "{% set ns.l = ns.l + [ns.s[::-1]] %}{% endfor %}",
     "precision_padding": "{{ '%.1000000000d' % 1 }}",
     "sandbox_escape_subclasses": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "sandbox_escape_globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",

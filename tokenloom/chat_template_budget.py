@@ -448,8 +448,17 @@ def _budgeted_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 10
 
 
 class _BudgetedCodeGenerator(CodeGenerator):
-    """jinja's code generator, except that `a ~ b` is joined through the budget and the loop ticks
-    call the environment directly (not through the sandbox's `call`, which they need not pass)."""
+    """jinja's code generator, except that `a ~ b` is joined through the budget, slices (copies) are
+    counted, and the loop ticks call the environment directly (not through the sandbox's `call`)."""
+
+    @optimizeconst
+    def visit_Getitem(self, node: nodes.Getitem, frame: Frame) -> None:
+        if isinstance(node.arg, nodes.Slice):
+            self.write("environment.tl_sliced(")
+            super().visit_Getitem(node, frame)
+            self.write(")")
+        else:
+            super().visit_Getitem(node, frame)
 
     def visit_Call(self, node: nodes.Call, frame: Frame, forward_caller: bool = False) -> None:
         if isinstance(node.node, nodes.EnvironmentAttribute) and node.node.name == "tl_tick":
@@ -538,6 +547,13 @@ class BudgetedSandbox(ImmutableSandboxedEnvironment):
         result = "".join(pieces)
         state.charge(result, "a macro or block's text")
         return result
+
+    def tl_sliced(self, value: Any) -> Any:
+        """`x[a:b]` is a copy (jinja slices without the sandbox's getitem): it counts as allocated."""
+        state = _STATE.get()
+        if state is not None:
+            state.charge(value, "a slice")
+        return value
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         state = _state()
