@@ -63,9 +63,9 @@ def as_input_ids(value: Any, name: str = "input_ids") -> torch.Tensor:
         value = value[None, :]
     if value.dim() != 2:
         raise ValueError(f"{name} must be [batch, seq_len] (or [seq_len]), got shape {tuple(value.shape)}")
-    if value.shape[0] == 0 or value.shape[1] == 0:
+    if value.shape[0] and not value.shape[1]:  # an empty batch (no rows) gives an empty result
         raise ValueError(f"{name} has no tokens (shape {tuple(value.shape)})")
-    if bool((value < 0).any()):
+    if value.numel() and bool((value < 0).any()):
         raise ValueError(f"{name} must hold token ids >= 0, got {int(value.min())}")
     return value
 
