@@ -22,13 +22,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
 
-from tokenloom.chat_template_budget import (
-    DEFAULT_BUDGET,
-    BudgetedSandbox,
-    RenderBudget,
-    input_size,
-    render_within,
-)
+from tokenloom.chat_template_budget import DEFAULT_BUDGET, RenderBudget, input_size
+from tokenloom.chat_template_sandbox import BudgetedSandbox, render_within
 from tokenloom.errors import ChatTemplateError
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "

@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenloom.errors import ConfigError, UnsupportedModelError
 from tokenloom.loading.gguf_rope import ROPE_FREQS, refuse_unmapped_rope_tensors
-from tokenloom.loading.gguf_tokenizer import check_tokenizer_metadata
+from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
 from tokenloom.models import config_checks
 
 logger = logging.getLogger(__name__)
