@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -21,19 +20,13 @@ import numpy as np
 from tests import tiny_models
 from tests.hostile_files import (
     ARRAY,
-    BOOL,
+    CARRIED_TEMPLATES,
     CHAT_TEMPLATE,
     F32,
-    F64,
-    FLOAT_TYPES,
+    HOSTILE_TEMPLATES,
     I32,
-    I64,
-    INT_TYPES,
-    KV,
     STRING,
     TINY_LLAMA_CONFIG,
-    U8,
-    U16,
     U32,
     U64,
     Case,
@@ -45,73 +38,6 @@ from tests.hostile_files import (
     rewrite,
     write_tiny_hf_dir,
 )
-
-# The hostile chat templates of issue 10 and the classes they stand for.
-HOSTILE_TEMPLATES: dict[str, str] = {
-    "nested_range_loops": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-    "string_times_1e9": "{{ 'x' * 10**9 }}",
-    "huge_power_to_string": "{{ (10 ** 10000000) | string }}",
-    "center_1e9": "{{ 'x' | center(1000000000) }}",
-    "ljust_1e9": "{{ 'x'.ljust(1000000000) }}",
-    "printf_width": "{{ '%1000000000s' | format('x') }}",
-    "str_format_width": "{{ '{:>1000000000}'.format('x') }}",
-    "printf_star": "{{ '%*s' % (1000000000, 'x') }}",
-    "doubling_concat": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
-                       "{% endfor %}{{ ns.s | length }}",
-    "doubling_plus": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
-                     "{% endfor %}{{ ns.s | length }}",
-    "doubling_list": "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}"
-                     "{% endfor %}{{ ns.l | length }}",
-    "doubling_macro": "{% macro f(s, n) %}{% if n > 0 %}{{ f(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}"
-                      "{% endmacro %}{{ f('x', 64) }}",
-    "recursive_loop": "{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}",
-    "exponential_recursive_loop": "{% for x in [1, 2] recursive %}{% if loop.depth < 40 %}{{ loop([1, 2]) }}"
-                                  "{% endif %}{% endfor %}",
-    "filtered_inner_loop": "{% for i in range(100000) %}{% for j in range(100000) if false %}{% endfor %}"
-                           "{% endfor %}",
-    "listed_range_loops": "{% set r = range(100000) | list %}{% for a in r %}{% for b in r %}{% endfor %}"
-                          "{% endfor %}",
-    "sum_in_loop": "{% set r = range(100000) | list %}{% for a in r %}{{ r | sum }}{% endfor %}",
-    "membership_in_loop": "{% set r = range(100000) | list %}{% for a in r %}{% if -1 in r %}{% endif %}"
-                          "{% endfor %}",
-    "output_flood": "{% set s = 'x' * 100000 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
-    "block_capture_flood": "{% set big %}{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}{% endset %}"
-                           "{{ big | length }}",
-    "join_amplification": "{{ ('x' * 100000).join(range(100000) | map('string')) }}",
-    "replace_amplification": "{{ ('x' * 100000) | replace('', 'y' * 100000) }}",
-    "list_of_references_printed": "{% set l = ['x' * 100000] * 10000 %}{{ l }}",
-    "list_of_references_tojson": "{% set l = ['x' * 100000] * 10000 %}{{ l | tojson | length }}",
-    "list_of_references_joined": "{% set l = ['x' * 100000] * 10000 %}{{ l | join | length }}",
-    "tojson_indent": "{{ range(100000) | list | tojson(indent=100000) }}",
-    "batch_fill": "{{ [1] | batch(1000000000, 0) | list }}",
-    "slice_count": "{{ [1] | slice(1000000000) | list }}",
-    "int_to_bytes": "{{ (1).to_bytes(1000000000, 'big') | length }}",
-    "indent_amplification": "{{ ('\\n' * 100000) | indent(100000) }}",
-    "wordwrap_amplification": "{{ ('x ' * 500000) | wordwrap(1, wrapstring='y' * 100000) }}",
-    "expandtabs": "{{ ('\\t' * 100000).expandtabs(100000) }}",
-    "squaring_int": "{% set ns = namespace(n=10) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
-                    "{% endfor %}{{ ns.n > 0 }}",
-    "lipsum": "{{ lipsum(n=1000000) }}",
-    "deep_parentheses": "{{ " + "(" * 100000 + "1" + ")" * 100000 + " }}",
-    "translate_amplification": "{{ ('a' * 100000).translate({97: 'b' * 100000}) }}",
-    "sum_of_lists": "{{ ([[1] * 1000] * 1000) | sum(start=[]) | length }}",
-    "string_iteration": "{% for c in 'x' * 1000000 %}{% endfor %}",
-    "allocation_loop": "{% for i in range(100000) %}{% set x = ('x' * 10000) ~ ('y' * 10000) %}{% endfor %}",
-    "retained_copies": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
-                       "{% set ns.l = ns.l + [ns.s ~ 'x'] %}{% endfor %}",
-    "retained_slices": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
-                       "{% set ns.l = ns.l + [ns.s[::-1]] %}{% endfor %}",
-    "precision_padding": "{{ '%.1000000000d' % 1 }}",
-    "sandbox_escape_subclasses": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "sandbox_escape_globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
-    "template_too_long": "x" * 2_000_000,
-}
-# A few representative ones for the GGUF / tokenizer_config carriers (all are in the template tests).
-CARRIED_TEMPLATES = (
-    "nested_range_loops", "string_times_1e9", "huge_power_to_string", "doubling_concat", "output_flood",
-    "list_of_references_printed", "deep_parentheses", "sandbox_escape_globals",
-)
-
 
 # ---------------------------------------------------------------- GGUF cases written by hand
 
@@ -439,150 +365,4 @@ def config_key_cases(root: Path) -> list[Case]:
         directory = _link_dir(base, root / name, keep=("config.json",))
         (directory / "config.json").write_text(json.dumps({**TINY_LLAMA_CONFIG, "model_type": arch, **extra}))
         cases.append(Case(name, str(directory), {"expect_typed": True}))
-    return cases
-
-
-# ---------------------------------------------------------------- random GGUF variants
-
-
-_INT_RANGES = {U8: (0, 255), 1: (-128, 127), U16: (0, 65535), 3: (-32768, 32767), U32: (0, 2**32 - 1),
-               I32: (-(2**31), 2**31 - 1), U64: (0, 2**64 - 1), I64: (-(2**63), 2**63 - 1)}
-_ALL_TYPES = [*INT_TYPES, F32, F64, BOOL, STRING, ARRAY]
-
-
-def _random_int(value_type: int, rng: random.Random) -> int:
-    low, high = _INT_RANGES[value_type]
-    return rng.choice([low, high, 0, 1, min(high, 2**31 - 1), min(high, 10**9), rng.randint(low, high),
-                       max(low, -1), rng.randint(0, min(high, 4096))])
-
-
-def _random_value(value_type: int, old: Any, rng: random.Random, key: str) -> Any:
-    if value_type in INT_TYPES:
-        return _random_int(value_type, rng)
-    if value_type in FLOAT_TYPES:
-        value = rng.choice([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e30, 1e-30, rng.uniform(-1e6, 1e6)])
-        return value if value_type == F64 or not math.isfinite(value) or abs(value) < 3e38 else 1e30
-    if value_type == BOOL:
-        return rng.choice([True, False, 2, 255])
-    if value_type == STRING:
-        choices = ["", "x" * rng.choice([1, 1000, 1_000_000]), "\u2581\x00\ud7ff\U0010ffff", "llama", "gpt2",
-                   str(old)[: rng.randint(0, 20)] + chr(rng.randint(32, 0x2FFF))]
-        if "template" in key:
-            choices.append(HOSTILE_TEMPLATES[rng.choice(CARRIED_TEMPLATES)])
-        return rng.choice(choices)
-    element_type, items = old if isinstance(old, tuple) else (U32, [])
-    if not items:
-        return element_type, [_random_value(element_type, None, rng, key)] if element_type != ARRAY else []
-    items = list(items)
-    index = rng.randrange(len(items))
-    items[index] = _random_value(element_type, items[index], rng, key)
-    return element_type, items
-
-
-def _convert(value: Any, old_type: int, new_type: int, rng: random.Random, key: str) -> Any:
-    if new_type == ARRAY:
-        if old_type == ARRAY:
-            return value
-        return (old_type, [value]) if old_type != ARRAY else value
-    if old_type == ARRAY:
-        element_type, items = value
-        if items and element_type == new_type:
-            return items[0]
-        return _random_value(new_type, None, rng, key)
-    if new_type == STRING:
-        return str(value)[:1000]
-    if new_type in INT_TYPES and isinstance(value, (int, float)) and math.isfinite(value):
-        low, high = _INT_RANGES[new_type]
-        return int(value) if low <= int(value) <= high else _random_int(new_type, rng)
-    if new_type in FLOAT_TYPES and isinstance(value, (int, float)):
-        return float(value) if abs(value) < 3e38 else 1e30
-    if new_type == BOOL:
-        return bool(value) if isinstance(value, (int, float)) else True
-    return _random_value(new_type, None, rng, key)
-
-
-def random_mutation(raw: RawGGUF, seed: int) -> tuple[str, list[KV]]:
-    """One metadata entry changed in type, value or length (deterministic in `seed`)."""
-    rng = random.Random(seed)
-    kvs = [replace(kv) for kv in raw.kvs]
-    kv = rng.choice(kvs)
-    kind = rng.choice(["type", "value", "length"])
-    if kind == "type":
-        new_type = rng.choice([t for t in _ALL_TYPES if t != kv.type])
-        kv.value, kv.type = _convert(kv.value, kv.type, new_type, rng, kv.key), new_type
-        return f"{kv.key}: type -> {new_type} value {str(kv.value)[:60]!r}", kvs
-    if kind == "length" and kv.type in (STRING, ARRAY):
-        if kv.type == STRING:
-            text = kv.value
-            kv.value = rng.choice(["", text[: rng.randint(0, len(text))], text * rng.choice([2, 100]),
-                                   text + "x" * rng.choice([1, 10_000])])[:2_000_000]
-            return f"{kv.key}: string length -> {len(kv.value)}", kvs
-        element_type, items = kv.value
-        new_len = rng.choice([0, 1, len(items) // 2, max(len(items) - 1, 0), len(items) + 1, len(items) * 2])
-        extended = (items * (new_len // max(len(items), 1) + 1))[:new_len] if items else []
-        kv.value = (element_type, extended)
-        return f"{kv.key}: array length {len(items)} -> {new_len}", kvs
-    kv.value = _random_value(kv.type, kv.value, rng, kv.key)
-    return f"{kv.key}: value -> {str(kv.value)[:60]!r}", kvs
-
-
-def mutation_case(raw: RawGGUF, seed: int, label: str) -> Case:
-    return Case(f"{label}_mutation_{seed}", "", {"op": "mutate", "src": str(raw.path), "seed": seed})
-
-
-def truncation_cases(raw: RawGGUF, count: int, seed: int, label: str) -> list[Case]:
-    rng = random.Random(seed)
-    lengths = sorted({rng.randrange(0, raw.header_end) for _ in range(count - count // 2)}
-                     | {rng.randrange(raw.data_start, raw.size) for _ in range(count // 2)})
-    return [Case(f"{label}_truncated_at_{n}", "", {"op": "truncate", "src": str(raw.path), "length": n,
-                                                    "expect_typed": True}) for n in lengths]
-
-
-def flip_cases(raw: RawGGUF, count: int, seed: int, label: str) -> list[Case]:
-    """Byte flips in the header: half in the tensor table, a quarter in the first 4 KiB (counts, general
-    metadata), a quarter anywhere before the data."""
-    rng = random.Random(seed)
-    table_start = raw.header_end - sum(8 + len(t.name) + 4 + 8 * len(t.dims) + 12 for t in raw.tensors)
-    cases = []
-    for i in range(count):
-        region = i % 4
-        if region < 2:
-            position = rng.randrange(table_start, raw.header_end)
-        elif region == 2:
-            position = rng.randrange(4, min(4096, raw.header_end))
-        else:
-            position = rng.randrange(4, raw.header_end)
-        xor = rng.randrange(1, 256)
-        cases.append(Case(f"{label}_flip_{position}_{xor}", "", {"op": "flip", "src": str(raw.path),
-                                                                 "flips": [[position, xor]]}))
-    return cases
-
-
-# A case on the real model loads 135M parameters (twice: the tokenizer stage and the model stage build
-# the tokenizer each): it gets a longer wall-clock limit than the tiny ones' 20 s.
-REAL_MODEL_TIMEOUT = 60.0
-
-
-def random_gguf_cases(root: Path, smollm2: Path | None, *, full: bool) -> list[Case]:
-    """Random variants: of SmolLM2 (50 truncations, 200 mutations, 50 flips with --fuzz-all; a fixed sample
-    otherwise) and of the tiny models of every architecture."""
-    cases: list[Case] = []
-    if smollm2 is not None:
-        raw = parse_raw(smollm2)
-        truncations, mutations, flips = (50, 200, 50) if full else (6, 12, 6)
-        sample = random.Random(10)
-        all_truncations = truncation_cases(raw, 50, 1, "smollm2")
-        all_flips = flip_cases(raw, 50, 2, "smollm2")
-        all_mutations = [mutation_case(raw, seed, "smollm2") for seed in range(200)]
-        cases += sample.sample(all_truncations, min(truncations, len(all_truncations)))
-        cases += sample.sample(all_mutations, mutations)
-        cases += sample.sample(all_flips, flips)
-        for case in cases:
-            case.recipe["timeout"] = REAL_MODEL_TIMEOUT
-    per_arch = 100 if full else 16
-    for arch in tiny_models.ARCHS:
-        raw = _tiny(root, arch)
-        cases += [mutation_case(raw, seed, f"tiny_{arch}") for seed in range(per_arch)]
-        cases += truncation_cases(raw, 4 if not full else 20, 3, f"tiny_{arch}")
-        cases += flip_cases(raw, 4 if not full else 20, 4, f"tiny_{arch}")
     return cases

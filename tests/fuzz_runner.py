@@ -189,7 +189,8 @@ def describe_failure(outcome: Outcome) -> str:
 
 
 def build_corpus(root: Path, smollm2: Path | None, *, full: bool) -> list[Case]:
-    from tests.fuzz_corpus import config_key_cases, gguf_cases, hf_cases, random_gguf_cases
+    from tests.fuzz_corpus import config_key_cases, gguf_cases, hf_cases
+    from tests.fuzz_random import random_gguf_cases
 
     cases = gguf_cases(root / "gguf")
     cases += hf_cases(root / "hf")

@@ -76,7 +76,7 @@ def _model_stage(path: str, gguf_file: str | None) -> dict[str, Any]:
 
 def materialize(case: dict[str, Any], workdir: Path, cache: dict[str, Any]) -> tuple[str, str]:
     """The path to load (building a recipe's file in `workdir`) and a description of the case."""
-    from tests.fuzz_corpus import random_mutation
+    from tests.fuzz_random import random_mutation
     from tests.hostile_files import encode_header, flipped, parse_raw, truncated, write_with_header
 
     recipe = case.get("recipe") or {}

@@ -323,3 +323,70 @@ class Case:
     name: str
     path: str
     recipe: dict[str, Any] = field(default_factory=dict)  # how a worker builds it ({} when `path` exists)
+
+
+# The hostile chat templates of issue 10 and the classes they stand for.
+HOSTILE_TEMPLATES: dict[str, str] = {
+    "nested_range_loops": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "string_times_1e9": "{{ 'x' * 10**9 }}",
+    "huge_power_to_string": "{{ (10 ** 10000000) | string }}",
+    "center_1e9": "{{ 'x' | center(1000000000) }}",
+    "ljust_1e9": "{{ 'x'.ljust(1000000000) }}",
+    "printf_width": "{{ '%1000000000s' | format('x') }}",
+    "str_format_width": "{{ '{:>1000000000}'.format('x') }}",
+    "printf_star": "{{ '%*s' % (1000000000, 'x') }}",
+    "doubling_concat": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s | length }}",
+    "doubling_plus": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                     "{% endfor %}{{ ns.s | length }}",
+    "doubling_list": "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}"
+                     "{% endfor %}{{ ns.l | length }}",
+    "doubling_macro": "{% macro f(s, n) %}{% if n > 0 %}{{ f(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}"
+                      "{% endmacro %}{{ f('x', 64) }}",
+    "recursive_loop": "{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}",
+    "exponential_recursive_loop": "{% for x in [1, 2] recursive %}{% if loop.depth < 40 %}{{ loop([1, 2]) }}"
+                                  "{% endif %}{% endfor %}",
+    "filtered_inner_loop": "{% for i in range(100000) %}{% for j in range(100000) if false %}{% endfor %}"
+                           "{% endfor %}",
+    "listed_range_loops": "{% set r = range(100000) | list %}{% for a in r %}{% for b in r %}{% endfor %}"
+                          "{% endfor %}",
+    "sum_in_loop": "{% set r = range(100000) | list %}{% for a in r %}{{ r | sum }}{% endfor %}",
+    "membership_in_loop": "{% set r = range(100000) | list %}{% for a in r %}{% if -1 in r %}{% endif %}"
+                          "{% endfor %}",
+    "output_flood": "{% set s = 'x' * 100000 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
+    "block_capture_flood": "{% set big %}{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}{% endset %}"
+                           "{{ big | length }}",
+    "join_amplification": "{{ ('x' * 100000).join(range(100000) | map('string')) }}",
+    "replace_amplification": "{{ ('x' * 100000) | replace('', 'y' * 100000) }}",
+    "list_of_references_printed": "{% set l = ['x' * 100000] * 10000 %}{{ l }}",
+    "list_of_references_tojson": "{% set l = ['x' * 100000] * 10000 %}{{ l | tojson | length }}",
+    "list_of_references_joined": "{% set l = ['x' * 100000] * 10000 %}{{ l | join | length }}",
+    "tojson_indent": "{{ range(100000) | list | tojson(indent=100000) }}",
+    "batch_fill": "{{ [1] | batch(1000000000, 0) | list }}",
+    "slice_count": "{{ [1] | slice(1000000000) | list }}",
+    "int_to_bytes": "{{ (1).to_bytes(1000000000, 'big') | length }}",
+    "indent_amplification": "{{ ('\\n' * 100000) | indent(100000) }}",
+    "wordwrap_amplification": "{{ ('x ' * 500000) | wordwrap(1, wrapstring='y' * 100000) }}",
+    "expandtabs": "{{ ('\\t' * 100000).expandtabs(100000) }}",
+    "squaring_int": "{% set ns = namespace(n=10) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
+                    "{% endfor %}{{ ns.n > 0 }}",
+    "lipsum": "{{ lipsum(n=1000000) }}",
+    "deep_parentheses": "{{ " + "(" * 100000 + "1" + ")" * 100000 + " }}",
+    "translate_amplification": "{{ ('a' * 100000).translate({97: 'b' * 100000}) }}",
+    "sum_of_lists": "{{ ([[1] * 1000] * 1000) | sum(start=[]) | length }}",
+    "string_iteration": "{% for c in 'x' * 1000000 %}{% endfor %}",
+    "allocation_loop": "{% for i in range(100000) %}{% set x = ('x' * 10000) ~ ('y' * 10000) %}{% endfor %}",
+    "retained_copies": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
+                       "{% set ns.l = ns.l + [ns.s ~ 'x'] %}{% endfor %}",
+    "retained_slices": "{% set ns = namespace(l=[], s='x' * 900000) %}{% for i in range(100000) %}"
+                       "{% set ns.l = ns.l + [ns.s[::-1]] %}{% endfor %}",
+    "precision_padding": "{{ '%.1000000000d' % 1 }}",
+    "sandbox_escape_subclasses": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "sandbox_escape_globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "template_too_long": "x" * 2_000_000,
+}
+# A few representative ones for the GGUF / tokenizer_config carriers (all are in the template tests).
+CARRIED_TEMPLATES = (
+    "nested_range_loops", "string_times_1e9", "huge_power_to_string", "doubling_concat", "output_flood",
+    "list_of_references_printed", "deep_parentheses", "sandbox_escape_globals",
+)

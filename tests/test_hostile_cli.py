@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz_corpus import HOSTILE_TEMPLATES, gguf_cases, hf_cases
+from tests.fuzz_corpus import gguf_cases, hf_cases
+from tests.hostile_files import HOSTILE_TEMPLATES
 
 TOKENLOOM = Path(sys.executable).with_name("tokenloom")
 

@@ -16,7 +16,7 @@ import jinja2
 import jinja2.ext
 import pytest
 
-from tests.fuzz_corpus import HOSTILE_TEMPLATES
+from tests.hostile_files import HOSTILE_TEMPLATES
 from tests.test_chat_template import CONVERSATIONS, CUSTOM_TEMPLATE
 from tests.test_gemma3 import GEMMA3_CHAT_TEMPLATE
 from tokenloom.chat_template import ChatTemplate, ChatTemplateError, _tojson
