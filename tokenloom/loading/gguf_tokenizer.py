@@ -5,7 +5,6 @@ ids, added tokens and decoding agree with `AutoTokenizer.from_pretrained(dir, gg
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -18,8 +17,6 @@ from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.loading.checkpoint import TokenizerData
 from tokenloom.loading.gguf_reader import read_gguf
 from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
-
-logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -144,12 +141,6 @@ def _byte_level(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
         token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
         for index, token in enumerate(tokens)
     }
-    missing = [char for char in spelling.values() if char not in vocab]
-    if missing:  # BPE without an unknown token drops what it cannot spell: such text loses characters
-        logger.warning(
-            "this byte-level vocabulary lacks %d of the 256 byte tokens (e.g. %r); text holding those bytes "
-            "loses them when encoded", len(missing), "".join(missing[:8]),
-        )
     model = BPE(
         vocab=vocab,
         merges=_merges(md, tokens),
