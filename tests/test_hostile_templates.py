@@ -18,7 +18,6 @@ import pytest
 
 from tests.hostile_files import HOSTILE_TEMPLATES
 from tests.test_chat_template import CONVERSATIONS, CUSTOM_TEMPLATE
-from tests.test_gemma3 import GEMMA3_CHAT_TEMPLATE
 from tokenloom.chat_template import ChatTemplate, ChatTemplateError, _tojson
 from tokenloom.chat_template_budget import RenderBudget
 
@@ -133,6 +132,8 @@ def real_templates(smollm2_gguf) -> dict[str, str]:
         pytest.skip(f"gemma3-270m GGUF not available: {exc}")
     # The 270M GGUF is the base model and ships no template: the instruct release's template
     # (google/gemma-3-270m-it) is the one test_gemma3.py checks against transformers.
+    from tests.test_gemma3 import GEMMA3_CHAT_TEMPLATE  # (that module needs transformers)
+
     templates["gemma3"] = read_gguf(gemma).metadata.get("tokenizer.chat_template") or GEMMA3_CHAT_TEMPLATE
     return templates
 
