@@ -135,6 +135,13 @@ def gguf_cases(root: Path) -> list[Case]:
         drop=("tokenizer.ggml.merges",),
     )
     add(
+        "byte_level_merges_without_byte_tokens",
+        set_kvs={
+            "tokenizer.ggml.tokens": (ARRAY, (STRING, ["ab", "abc", *[f"<t{i}>" for i in range(2, 96)]])),
+            "tokenizer.ggml.merges": (ARRAY, (STRING, ["a b", "ab c"])),
+        },
+    )
+    add(
         "byte_level_without_byte_tokens",
         expect_typed=False,
         set_kvs={

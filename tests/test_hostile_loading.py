@@ -89,6 +89,7 @@ GGUF_CASES: dict[str, tuple[str, type[TokenloomError], tuple[str, ...]]] = {
     "merges_as_ints": ("tokenizer", TokenizerError, ("tokenizer.ggml.merges", "[1, 2, 3]")),
     "merges_unparsable": ("tokenizer", TokenizerError, ("tokenizer.ggml.merges[0]", "'<t'")),
     "merges_unknown_tokens": ("tokenizer", TokenizerError, ("`zz` out of vocabulary",)),
+    "byte_level_merges_without_byte_tokens": ("tokenizer", TokenizerError, ("`a` out of vocabulary",)),
     "tokens_as_ints": ("tokenizer", TokenizerError, ("tokenizer.ggml.tokens", "[0, 1, 2]")),
     "tokens_scalar": ("tokenizer", TokenizerError, ("tokenizer.ggml.tokens", "'<t0>'")),
     "token_type_strings": ("tokenizer", TokenizerError, ("tokenizer.ggml.token_type",)),
