@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-all", action="store_true", default=False,
+        help="run every case of the hostile-input fuzz corpus (SmolLM2: 50 truncations, 200 metadata mutations, "
+        "50 byte flips; 100 mutations per tiny architecture); CI runs a fixed-seed sample",
+    )
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """On a small shared machine (2 cores, other jobs running) two OpenMP threads spend most of

@@ -1,9 +1,11 @@
 """Chat templates: Jinja rendered in a sandbox, the same way transformers renders them.
 
-Templates come from model repositories, so they are untrusted code. They run in jinja2's
-`ImmutableSandboxedEnvironment` with the globals and filters transformers provides
+Templates come from model repositories (and, on a server, from requests), so they are untrusted code.
+They run in jinja2's `ImmutableSandboxedEnvironment` with the globals and filters transformers provides
 (`raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape, loop controls,
-`{% generation %}` blocks). Any attempt to reach Python internals raises `ChatTemplateError`.
+`{% generation %}` blocks), under a render budget (`chat_template_budget`: time, loop iterations,
+output and value sizes). Any attempt to reach Python internals, and any overrun, raises
+`ChatTemplateError`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,17 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tokenloom.errors import TokenloomError
+from tokenloom.chat_template_budget import DEFAULT_BUDGET, RenderBudget, input_size
+from tokenloom.chat_template_sandbox import BudgetedSandbox, render_within
+from tokenloom.errors import ChatTemplateError
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _RENDER_FAILURES = (
     TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, ZeroDivisionError, RecursionError,
+    MemoryError, LookupError, ArithmeticError, UnicodeError,
 )
-
-
-class ChatTemplateError(TokenloomError, ValueError):
-    """A chat template could not be compiled or rendered, or tried to escape its sandbox."""
 
 
 class _TemplateRaised(TemplateError):
@@ -50,17 +50,6 @@ class _GenerationTag(jinja2.ext.Extension):
 
     def _render_body(self, caller: Any) -> str:
         return caller()
-
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, except that touching an unsafe attribute fails at once.
-
-    The stock sandbox returns an Undefined that renders as "" and only fails when used further; a
-    template that even looks at `__class__` has no business being rendered, so we stop there.
-    """
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
 class _TemplateDict:
@@ -108,11 +97,12 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-def _new_environment() -> _StrictSandbox:
-    env = _StrictSandbox(
+def _new_environment() -> BudgetedSandbox:
+    env = BudgetedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.wrap_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -123,16 +113,26 @@ def _new_environment() -> _StrictSandbox:
 class ChatTemplate:
     """One compiled chat template. Compile once (see `compile_chat_template`), render many times."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, budget: RenderBudget = DEFAULT_BUDGET) -> None:
         if not isinstance(source, str):
             raise ChatTemplateError(f"a chat template must be a string, got {type(source).__name__}")
+        if len(source) > budget.max_template_chars:
+            raise ChatTemplateError(
+                f"the chat template is {len(source)} characters long, over the limit of "
+                f"{budget.max_template_chars} (max_template_chars); real templates are a few kilobytes"
+            )
         self.source = source
+        self.budget = budget
         try:
-            self._template = _new_environment().from_string(source)
+            self._template = _new_environment().compile_budgeted(source)
         except TemplateSyntaxError as exc:
             raise ChatTemplateError(f"chat template has a syntax error at line {exc.lineno}: {exc.message}") from exc
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template cannot be compiled: {exc}") from exc
+        except (RecursionError, MemoryError, SyntaxError, ValueError, OverflowError) as exc:
+            raise ChatTemplateError(
+                f"chat template cannot be compiled ({type(exc).__name__}: {exc}); it nests too deeply or is malformed"
+            ) from exc
 
     def render(
         self,
@@ -143,6 +143,7 @@ class ChatTemplate:
         tools: Sequence[Mapping[str, Any]] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
         special_tokens: Mapping[str, str] | None = None,
+        budget: RenderBudget | None = None,
         **template_kwargs: Any,
     ) -> str:
         """Render one conversation to text.
@@ -151,32 +152,47 @@ class ChatTemplate:
         special_tokens: e.g. {"bos_token": ..., "eos_token": ...}; template_kwargs override them.
         continue_final_message: leave the last message open (True means its "content"; a string names
         another field) so the model continues it; cannot be combined with add_generation_prompt.
+        budget: the render's limits (the template's own, `DEFAULT_BUDGET` unless given, when None).
         """
         if continue_final_message and add_generation_prompt:
             raise ChatTemplateError(
                 "continue_final_message and add_generation_prompt cannot both be set: use add_generation_prompt "
                 "to start a new assistant message, continue_final_message to continue the last one"
             )
-        chat = _plain_template_data(normalize_messages(messages))
-        if not chat:
-            raise ChatTemplateError("cannot apply a chat template to an empty conversation; give at least one message")
-        chat = _alias_reasoning_fields(chat)
-        tool_schemas = _check_tools(tools)
-        if documents is not None and not all(isinstance(d, Mapping) for d in documents):
-            raise ChatTemplateError("documents must be a list of dicts with 'title' and 'text' keys")
-        context = _plain_template_data({**(special_tokens or {}), **template_kwargs})
+        try:
+            chat = _plain_template_data(normalize_messages(messages))
+            if not chat:
+                raise ChatTemplateError(
+                    "cannot apply a chat template to an empty conversation; give at least one message"
+                )
+            chat = _alias_reasoning_fields(chat)
+            tool_schemas = _check_tools(tools)
+            if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+                raise ChatTemplateError("documents must be a list of dicts with 'title' and 'text' keys")
+            context = _plain_template_data({**(special_tokens or {}), **template_kwargs})
+            plain_documents = _plain_template_data(documents)
+        except RecursionError as exc:
+            raise ChatTemplateError(
+                "the messages, tools or documents given to the chat template nest too deeply"
+            ) from exc
 
+        reserved = sorted({"messages", "tools", "documents", "add_generation_prompt"} & set(context))
+        if reserved:
+            raise ChatTemplateError(f"template keyword argument(s) {', '.join(reserved)} clash with the chat's own")
         final_message: Any = None
         if continue_final_message:
             final_message = self._tag_final_message(chat, continue_final_message)
+        data = {
+            "messages": chat,
+            "tools": tool_schemas,
+            "documents": plain_documents,
+            "add_generation_prompt": add_generation_prompt,
+            **context,
+        }
         try:
-            rendered = self._template.render(
-                messages=chat,
-                tools=tool_schemas,
-                documents=_plain_template_data(documents),
-                add_generation_prompt=add_generation_prompt,
-                **context,
-            )
+            rendered = render_within(self._template, budget or self.budget, input_size(data), data)
+        except ChatTemplateError:
+            raise
         except SecurityError as exc:
             raise ChatTemplateError(f"chat template blocked by the sandbox: {exc}") from exc
         except _TemplateRaised as exc:

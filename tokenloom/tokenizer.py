@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,31 @@ _CLEANUPS = (
     (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
 )
+
+
+_MAX_ID = 1 << 32  # tokenizers' ids are u32
+
+
+def checked_token_ids(ids: Any, name: str = "token_ids") -> list[int]:
+    """`ids` as a list of ints: integers (Python, numpy or 0-d integer tensors) in [0, 2**32); a float,
+    a bool, a string or a negative id is an error naming `name` and the value."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a sequence of integer token ids, got {type(ids).__name__}")
+    checked = []
+    for position, token in enumerate(ids):
+        if type(token) is not int:
+            if isinstance(token, bool) or not hasattr(token, "__index__"):
+                raise TypeError(
+                    f"{name}[{position}] must be an integer token id, got {token!r} ({type(token).__name__})"
+                )
+            try:
+                token = operator.index(token)
+            except TypeError as exc:  # a float tensor element
+                raise TypeError(f"{name}[{position}] must be an integer token id, got {token!r}") from exc
+        if not 0 <= token < _MAX_ID:
+            raise ValueError(f"{name}[{position}] must be a token id in [0, 2**32), got {token}")
+        checked.append(token)
+    return checked
 
 
 class Tokenizer:
@@ -115,8 +141,10 @@ class Tokenizer:
             )
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; `skip_special_tokens` drops every added token marked special."""
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; `skip_special_tokens` drops every added token marked special. An id that is not
+        an integer in [0, 2**32) is a TypeError / ValueError naming it (ids past the vocabulary decode
+        to nothing, as in transformers)."""
+        text = self.backend.decode(checked_token_ids(ids), skip_special_tokens=skip_special_tokens)
         if self._cleanup:
             for before, after in _CLEANUPS:
                 text = text.replace(before, after)

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TOKENLOOM_DEBUG"):
             raise
         print_error(f"{type(exc).__name__}: {exc}", "set TOKENLOOM_DEBUG=1 to see the full traceback")
+    except MemoryError:
+        if os.environ.get("TOKENLOOM_DEBUG"):
+            raise
+        print_error("out of memory", "use a smaller model or a smaller --max-new-tokens; TOKENLOOM_DEBUG=1 shows where")
     return 1
 
 

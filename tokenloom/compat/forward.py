@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenloom.compat.inputs import check_inputs
 from tokenloom.compat.padding import strip_padding
 
 IGNORE_INDEX = -100
@@ -135,8 +136,7 @@ def causal_lm_forward(
     shift_labels: torch.Tensor | None = None,
 ) -> CausalLMOutput:
     """The output of `model` (a TokenloomForCausalLM) for a [batch, seq_len] batch of token ids."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of token ids [batch, seq_len], got {type(input_ids).__name__}")
+    input_ids, attention_mask = check_inputs(input_ids, attention_mask)
     rows, positions = strip_padding(input_ids, attention_mask)
     causal_lm = model.causal_lm
     want_hidden = output_hidden_states is not None and output_hidden_states is not False

@@ -22,14 +22,16 @@ from tokenloom.compat.generate_output import (
     per_step,
 )
 from tokenloom.compat.generation_config import GenerationConfig
+from tokenloom.compat.inputs import check_inputs
 from tokenloom.compat.model_config import ModelConfig
 from tokenloom.compat.module import EngineModule
 from tokenloom.compat.padding import infer_attention_mask as _infer_attention_mask
 from tokenloom.compat.padding import repad as _repad
 from tokenloom.compat.padding import strip_padding as _strip_padding
+from tokenloom.compat.streamers import stop_requested
 from tokenloom.config import EngineConfig
 from tokenloom.engine.engine import Engine
-from tokenloom.errors import ModelLoadError
+from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.generation_settings import UNSUPPORTED_GENERATE_ARGS, DecodingPlan, warn_if_default_length
 from tokenloom.loading import LoadedModel, load_model
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
@@ -52,6 +54,8 @@ class TokenloomForCausalLM(EngineModule):
         self.generation_config = self._default_generation_config(loaded)
         try:  # for stop_strings, the EOS lint and pipeline(); a checkpoint may come without one
             tokenizer: Tokenizer | None = Tokenizer.from_source(loaded.checkpoint.source)
+        except TokenizerError:  # one that is there but malformed fails as AutoTokenizer does
+            raise
         except ModelLoadError:
             tokenizer = None
         self.engine = Engine(causal_lm, engine_config, tokenizer=tokenizer)
@@ -172,7 +176,8 @@ class TokenloomForCausalLM(EngineModule):
             request_ids = self.engine.add_requests(requests, detokenize=bool(params.stop))
             results = {rid: RowResult([]) for rid in request_ids}
             index = {rid: i for i, rid in enumerate(request_ids)}
-            for out in self.engine.stream(request_ids):
+            stream = self.engine.stream(request_ids)
+            for out in stream:
                 result = results[out.request_id]
                 result.token_ids.extend(out.new_token_ids)
                 result.scores.extend(out.scores or [])
@@ -183,6 +188,9 @@ class TokenloomForCausalLM(EngineModule):
                     streamer.put(torch.tensor(out.new_token_ids))
                 elif streamer is not None:
                     streamer.put_row(index[out.request_id], torch.tensor(out.new_token_ids))
+                if streamer is not None and stop_requested(streamer):
+                    stream.close()  # the consumer left: its unfinished requests are aborted in the engine
+                    break
             return [results[rid] for rid in request_ids]
         finally:
             if streamer is not None:
@@ -255,9 +263,7 @@ def _inputs(
             attention_mask = encoding.get("attention_mask")
     if input_ids is None:
         raise ValueError("generate() needs input_ids (a [batch, seq_len] tensor of token ids)")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None, :]
-    return input_ids, attention_mask
+    return check_inputs(input_ids, attention_mask)
 
 
 def _explicit_settings(generation_config: Any) -> dict[str, Any]:

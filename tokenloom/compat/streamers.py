@@ -10,13 +10,20 @@ Protocol (what `generate(streamer=...)` calls): `put(input_ids)` once with the p
 `put_row(row, new_ids)`, and `end()` once at the end. transformers' streamers refuse batches; these
 stream them: the iterator streamers yield `(row, text)` tuples and TextStreamer prints each row's
 completed lines prefixed with `[row] `.
+
+A consumer that stops reading stops the generation: `stop()`, closing an iterator streamer
+(`close()` / `aclose()`), or a `timeout` that expires (the consumer waited that long for text, or text
+waited that long for the consumer) makes `stop_requested` true; generate() then stops after the
+current step and its requests leave the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any
 
 from tokenloom.detokenizer import Decoder, IncrementalDetokenizer
@@ -52,6 +59,11 @@ def _decoder_for(tokenizer: Any, decode_kwargs: dict[str, Any]) -> tuple[Decoder
         return _DecodeWithKwargs(tokenizer, kwargs), skip_special_tokens
     # tokenloom's AutoTokenizer wraps the engine tokenizer: decode with it directly (plain lists).
     return getattr(tokenizer, "engine_tokenizer", tokenizer), skip_special_tokens
+
+
+def stop_requested(streamer: Any) -> bool:
+    """Whether generate() should stop for this streamer (False for streamers without the notion)."""
+    return bool(getattr(streamer, "stop_requested", False))
 
 
 def _as_ids(value: Any) -> list[int] | list[list[int]]:
@@ -93,6 +105,8 @@ class TextStreamer:
     prefixed with `[row] `. Subclasses may override `on_finalized_text` (one row) and
     `on_finalized_row_text` (a batch)."""
 
+    timeout: float | None = None
+
     def __init__(self, tokenizer: Any, skip_prompt: bool = False, **decode_kwargs: Any) -> None:
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
@@ -100,6 +114,36 @@ class TextStreamer:
         self._decoder, self._skip_special_tokens = _decoder_for(tokenizer, decode_kwargs)
         self._rows: list[_RowText] | None = None  # None until the prompt arrives
         self._line_buffers: dict[int, str] = {}
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._unread = 0  # pieces handed to the consumer and not yet taken
+        self._unread_since: float | None = None  # when the oldest of them was handed over
+
+    # ---- stopping -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask generate() to stop: it finishes the current step and its requests leave the engine."""
+        self._stopped.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True after stop() / close(), or when text has waited longer than `timeout` for the consumer."""
+        if not self._stopped.is_set() and self.timeout is not None:
+            with self._lock:
+                since = self._unread_since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self._stopped.set()
+        return self._stopped.is_set()
+
+    def _handed_over(self) -> None:
+        with self._lock:
+            if self._unread == 0:
+                self._unread_since = time.monotonic()
+            self._unread += 1
+
+    def _taken(self) -> None:
+        with self._lock:
+            self._unread = max(self._unread - 1, 0)
+            self._unread_since = time.monotonic() if self._unread else None
 
     @property
     def is_batch(self) -> bool:
@@ -187,7 +231,8 @@ class TextIteratorStreamer(TextStreamer):
         for text in streamer: ...
 
     Yields strings for one row, `(row, text)` tuples for a batch. timeout: seconds to wait for the
-    next piece before `queue.Empty` is raised (None waits forever)."""
+    next piece before `queue.Empty` is raised (None waits forever); when it expires (or text waits that
+    long unread) the generation is stopped too. `close()` (or `stop()`) stops it at once."""
 
     def __init__(
         self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any
@@ -196,24 +241,47 @@ class TextIteratorStreamer(TextStreamer):
         self.text_queue: Queue[Any] = Queue()
         self.stop_signal = None
         self.timeout = timeout
+        self._closed = False
+
+    def _put(self, value: Any) -> None:
+        if not self._closed:
+            self._handed_over()
+            self.text_queue.put(value, timeout=self.timeout)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
-            self.text_queue.put(text, timeout=self.timeout)
+            self._put(text)
         if stream_end:
-            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+            self._put(self.stop_signal)
 
     def on_finalized_row_text(self, row: int, text: str, stream_end: bool = False) -> None:
         if text:
-            self.text_queue.put((row, text), timeout=self.timeout)
+            self._put((row, text))
         if stream_end:
-            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+            self._put(self.stop_signal)
+
+    def close(self) -> None:
+        """Stop reading: the generation stops and the iterator ends."""
+        self._closed = True
+        self.stop()
+        while True:
+            try:
+                self.text_queue.get_nowait()
+            except Empty:
+                break
 
     def __iter__(self) -> TextIteratorStreamer:
         return self
 
     def __next__(self) -> str | tuple[int, str]:
-        value = self.text_queue.get(timeout=self.timeout)
+        if self._closed:
+            raise StopIteration
+        try:
+            value = self.text_queue.get(timeout=self.timeout)
+        except Empty:
+            self.stop()  # the consumer waited `timeout` for text: it is not worth producing more
+            raise
+        self._taken()
         if value is self.stop_signal:
             raise StopIteration
         return value
@@ -222,7 +290,9 @@ class TextIteratorStreamer(TextStreamer):
 class AsyncTextIteratorStreamer(TextStreamer):
     """`async for text in streamer` while `generate` runs in a thread (e.g. `asyncio.to_thread`).
     Create it inside the running event loop. Yields strings for one row, `(row, text)` tuples for
-    a batch. timeout: seconds to wait for the next piece before TimeoutError (None waits forever)."""
+    a batch. timeout: seconds to wait for the next piece before TimeoutError (None waits forever); when
+    it expires (or text waits that long unread) the generation is stopped too, as by `aclose()` or
+    `stop()`."""
 
     def __init__(
         self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any
@@ -232,10 +302,18 @@ class AsyncTextIteratorStreamer(TextStreamer):
         self.stop_signal = None
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
+        self._closed = False
 
     def _put(self, value: Any) -> None:
         # generate() runs in another thread: hand each piece to the loop that owns the queue.
-        self.loop.call_soon_threadsafe(self.text_queue.put_nowait, value)
+        if self.loop.is_closed():
+            self.stop()
+            return
+        self._handed_over()
+        try:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, value)
+        except RuntimeError:  # the loop closed meanwhile: nobody will read
+            self.stop()
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
@@ -252,11 +330,20 @@ class AsyncTextIteratorStreamer(TextStreamer):
     def __aiter__(self) -> AsyncTextIteratorStreamer:
         return self
 
+    async def aclose(self) -> None:
+        """Stop reading: the generation stops and the iterator ends."""
+        self.stop()
+        self._closed = True
+
     async def __anext__(self) -> str | tuple[int, str]:
+        if self._closed:
+            raise StopAsyncIteration
         try:
             value = await asyncio.wait_for(self.text_queue.get(), timeout=self.timeout)
         except asyncio.TimeoutError:
+            self.stop()
             raise TimeoutError(f"no text from the streamer within {self.timeout} seconds") from None
+        self._taken()
         if value is self.stop_signal:
             raise StopAsyncIteration
         return value

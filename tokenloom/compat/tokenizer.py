@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tokenloom.compat.batch_encoding import BatchEncoding
-from tokenloom.tokenizer import Tokenizer
+from tokenloom.tokenizer import Tokenizer, checked_token_ids
 
 # transformers' model_max_length when a tokenizer has no limit
 VERY_LARGE_INTEGER = int(1e30)
@@ -26,7 +26,7 @@ def _as_id_list(ids: Any) -> list[int]:
     if isinstance(ids, Mapping):
         ids = ids["input_ids"]
     ids = ids.tolist() if hasattr(ids, "tolist") else ids  # torch tensors, numpy arrays
-    return [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    return checked_token_ids([ids] if isinstance(ids, int) else ids)
 
 
 class TokenloomTokenizer:

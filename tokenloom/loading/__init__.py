@@ -7,12 +7,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tokenloom.errors import ModelLoadError
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource, TokenizerData
 
 if TYPE_CHECKING:  # torch is imported when a model is built, not when a tokenizer is loaded
     import torch
 
     from tokenloom.models.base import CausalLM
+
+# The tokens of the load-time check: one forward pass over them must give finite logits.
+_CHECK_TOKENS = (0, 1, 2)
 
 
 def load_checkpoint(source: ModelSource) -> Checkpoint:
@@ -54,8 +58,13 @@ def load_model(
     quantize_bits: int | None = None,
     revision: str | None = None,
     progress: bool = False,
+    check_logits: bool = True,
 ) -> LoadedModel:
-    """Resolve a path / pull name / hub id and build the model on the chosen device and dtype."""
+    """Resolve a path / pull name / hub id and build the model on the chosen device and dtype.
+
+    Every load error is a ModelLoadError naming the file; with `check_logits` (the default) one forward
+    pass over a three-token input must give finite logits (NaN weights, or values that overflow, are
+    refused here instead of generating token 0 forever)."""
     from tokenloom.device import resolve_device, resolve_dtype
     from tokenloom.loading.build import build_model
     from tokenloom.loading.resolve import resolve_model
@@ -66,12 +75,50 @@ def load_model(
     device = resolve_device(device_map)
     config_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
     torch_dtype = resolve_dtype(dtype, device, config_dtype)
-    model = build_model(checkpoint, device, torch_dtype, quantize_bits=quantize_bits, progress=progress)
+    try:
+        model = build_model(checkpoint, device, torch_dtype, quantize_bits=quantize_bits, progress=progress)
+    except ModelLoadError as exc:
+        if str(source.path) in str(exc):
+            raise
+        raise type(exc)(f"{source.path}: {exc}", hint=exc.hint) from exc
+    if check_logits:
+        check_finite_logits(model, source)
     return LoadedModel(model, checkpoint, device, torch_dtype, time.perf_counter() - start)
+
+
+def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
+    """One forward pass over a few tokens, through a one-block KV cache of its own: its logits must be
+    finite. Raises ModelLoadError naming the file and the non-finite weights, if any."""
+    import torch
+
+    from tokenloom.attention.paged import AttentionMetadata
+    from tokenloom.cache.kv_cache import KVCache
+
+    config = model.config
+    ids = [min(t, config.vocab_size - 1) for t in _CHECK_TOKENS]
+    param = next(model.parameters())
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    block = len(ids)
+    cache = KVCache(config.num_hidden_layers, 1, block, config.num_key_value_heads, config.head_dim, dtype,
+                    param.device)
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0]], block, param.device, input_ids=ids)
+    with torch.inference_mode():
+        logits = model.compute_logits(model(meta.input_ids, meta.positions, cache, meta))
+        if bool(torch.isfinite(logits).all()):
+            return
+        bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    weights = f"non-finite weights: {', '.join(bad[:4])}" if bad else (
+        "the weights are finite, so config values (a norm epsilon, a rope base) or weights too large overflow"
+    )
+    raise ModelLoadError(
+        f"{source.path}: the model's logits for a {len(ids)}-token input are not finite (NaN or inf); {weights}",
+        hint="the checkpoint is damaged or its config does not fit its weights; use an unmodified copy",
+    )
 
 
 __all__ = [
     "Checkpoint",
+    "check_finite_logits",
     "LoadedModel",
     "ModelSource",
     "TokenizerData",

@@ -3,11 +3,18 @@ them (`GGUF_CONFIG_MAPPING`), plus the architecture defaults and rope parameters
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
-from tokenloom.errors import UnsupportedModelError
+from tokenloom.errors import ConfigError, UnsupportedModelError
 from tokenloom.loading.gguf_rope import ROPE_FREQS, refuse_unmapped_rope_tensors
+from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
+from tokenloom.models import config_checks
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp key (after "<arch>.") -> config.json key; transformers' GGUF_CONFIG_MAPPING for these archs.
 _DECODER_KEYS = {
@@ -57,6 +64,75 @@ _EXTRA_KEYS: dict[str, dict[str, str]] = {
 }
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
 
+# llama.cpp key (after "<arch>.") -> upper bound of a count it holds (sizes are positive integers)
+_COUNT_BOUNDS = {
+    "block_count": config_checks.MAX_LAYERS,
+    "context_length": config_checks.MAX_POSITIONS,
+    "embedding_length": config_checks.MAX_HIDDEN_SIZE,
+    "feed_forward_length": config_checks.MAX_INTERMEDIATE_SIZE,
+    "attention.head_count": config_checks.MAX_HEADS,
+    "attention.head_count_kv": config_checks.MAX_HEADS,
+    "attention.key_length": config_checks.MAX_HEAD_DIM,
+    "attention.value_length": config_checks.MAX_HEAD_DIM,
+    "rope.dimension_count": config_checks.MAX_HEAD_DIM,
+    "attention.sliding_window": config_checks.MAX_POSITIONS,
+    "vocab_size": config_checks.MAX_VOCAB_SIZE,
+}
+# llama.cpp key -> whether 0 is allowed (epsilons may be 0; a rope base may not)
+_NUMBERS = {
+    "attention.layer_norm_rms_epsilon": True,
+    "attention.layer_norm_epsilon": True,
+    "rope.freq_base": False,
+    "rope.scaling.factor": True,
+    "rope.scale_linear": True,
+}
+_BLOCK_INDEX = re.compile(r"^blk\.(\d+)\.")
+
+
+def _scalar(key: str, value: Any, path: Path) -> Any:
+    """A metadata value as one scalar: a one-element array is its element (transformers does so); a
+    longer one holds per-layer values, which these architectures do not have."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ConfigError(
+                f"{path}: GGUF key {key!r} holds {len(value)} values {value[:4]!r}; one value is expected "
+                "(per-layer values are not supported for this architecture)"
+            )
+        value = value[0]
+    return value
+
+
+def check_metadata(metadata: dict[str, Any], architecture: str, tensor_names: list[str], path: Path) -> None:
+    """Types and bounds of the GGUF keys mapped to the config, and the layer count against the blocks
+    the tensor table holds, before any of them is used (ConfigError naming the file, key and value)."""
+    for leaf, upper in _COUNT_BOUNDS.items():
+        key = f"{architecture}.{leaf}"
+        if key in metadata:
+            value = _scalar(key, metadata[key], path)
+            if not config_checks.is_int(value) or value < 1:
+                raise ConfigError(f"{path}: GGUF key {key!r} must be a positive integer, got {value!r}")
+            if value > upper:
+                raise ConfigError(f"{path}: GGUF key {key!r} is {value}, beyond the sane bound of {upper}")
+    for leaf, zero_ok in _NUMBERS.items():
+        key = f"{architecture}.{leaf}"
+        if key in metadata:
+            value = _scalar(key, metadata[key], path)
+            if not config_checks.is_number(value) or not math.isfinite(value) or value < 0 or (
+                value == 0 and not zero_ok
+            ):
+                expected = "a finite number >= 0" if zero_ok else "a finite positive number"
+                raise ConfigError(f"{path}: GGUF key {key!r} must be {expected}, got {value!r}")
+    check_tokenizer_metadata(metadata, path)  # token ids and the vocabulary, as the tokenizer checks them
+    blocks = {int(m.group(1)) for name in tensor_names if (m := _BLOCK_INDEX.match(name))}
+    declared = metadata.get(f"{architecture}.block_count")
+    if declared is not None:
+        declared = _scalar(f"{architecture}.block_count", declared, path)
+        if declared > len(blocks) or (blocks and declared > max(blocks) + 1):
+            raise ConfigError(
+                f"{path}: GGUF key {architecture + '.block_count'!r} is {declared}, but the tensor table holds "
+                f"{len(blocks)} blocks"
+            )
+
 
 def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -> dict[str, Any]:
     """config.json keys for a GGUF file's metadata, as transformers' GGUF loader derives them."""
@@ -70,6 +146,7 @@ def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -
     updated = (
         "mistral" if architecture == "llama" and metadata.get("general.name") == "mistral" else architecture
     )
+    check_metadata(metadata, architecture, tensor_names, path)
     arch_keys = {f"{architecture}.{key}": name for key, name in _ARCH_KEYS[updated].items()}
     extra_keys = {f"{architecture}.{key}": name for key, name in _EXTRA_KEYS.get(updated, {}).items()}
 
@@ -83,6 +160,7 @@ def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -
         if isinstance(value, str) and architecture in value:
             value = value.replace(architecture, updated)
         config[name] = value
+    _drop_foreign_token_ids(config, metadata, path)
     if config["model_type"] == "gemma3":  # the GGUF holds the text backbone only
         config["model_type"] = "gemma3_text"
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
@@ -102,6 +180,18 @@ def gguf_config(metadata: dict[str, Any], tensor_names: list[str], path: Path) -
         config.setdefault("n_positions", config.get("n_ctx"))
         config.setdefault("n_inner", config.get("feed_forward_length"))
     return config
+
+
+def _drop_foreign_token_ids(config: dict[str, Any], metadata: dict[str, Any], path: Path) -> None:
+    """A special-token id outside the vocabulary names no token: left out, as the tokenizer leaves it."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = metadata.get(f"{metadata.get('general.architecture')}.vocab_size")
+    size = vocab if config_checks.is_int(vocab) else len(tokens) if isinstance(tokens, list) and tokens else None
+    for key, name in _TOKEN_ID_KEYS.items():
+        value = config.get(name)
+        if size is not None and value is not None and not 0 <= value < size:
+            logger.warning("%s: %s = %s is outside the vocabulary of %s tokens; ignored", path, key, value, size)
+            del config[name]
 
 
 def _add_gemma3_defaults(config: dict[str, Any]) -> None:
@@ -132,6 +222,10 @@ def _add_gemma3_rope_scaling(config: dict[str, Any], metadata: dict[str, Any], p
     global (full-attention) layers only: Gemma 3 4B and larger use linear scaling by 8 there."""
     scaling_type = metadata.get("gemma3.rope.scaling.type")
     factor = metadata.get("gemma3.rope.scaling.factor", metadata.get("gemma3.rope.scale_linear"))
+    if scaling_type is not None and not isinstance(scaling_type, str):
+        raise ConfigError(f"{path}: GGUF key 'gemma3.rope.scaling.type' must be a string, got {scaling_type!r}")
+    if factor is not None and not config_checks.is_number(factor):
+        raise ConfigError(f"{path}: GGUF key 'gemma3.rope.scaling.factor' must be a number, got {factor!r}")
     if scaling_type is None and factor is not None and float(factor) not in (0.0, 1.0):
         scaling_type = "linear"  # llama.cpp's default type when only a factor is given
     if scaling_type in (None, "none"):

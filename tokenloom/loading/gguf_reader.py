@@ -4,6 +4,11 @@
 for SmolLM2's 98k vocabulary strings and 7.5 s for Gemma 3's 262k; this reader walks the same
 layout with `struct` (0.05 s / 0.2 s) and turns every way a file can be malformed into a
 `GGUFFormatError` that names the file. The tests check it against `GGUFReader` on real files.
+
+Files come from strangers, so every size is checked before it is used: counts and lengths against
+the bytes left in the file, at most 4 dimensions per tensor (ggml's limit), arrays nested at most
+`MAX_NESTING` deep and holding at most `MAX_METADATA_ELEMENTS` values in all, unique keys and tensor
+names, and tensor data regions aligned, inside the file and not overlapping.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ _NUMPY_DTYPES = {
     12: "<f8",
 }
 _STRING, _ARRAY = 8, 9
+
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a deeper file is an attack on the parser
+MAX_METADATA_ELEMENTS = 1 << 23  # all array elements together (Gemma 3: 0.8M); each becomes a Python object
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,23 @@ class _Cursor:
         self.view = memoryview(buffer)
         self.path = path
         self.pos = 0
+        self.elements = 0  # metadata array elements read so far
+
+    def need_items(self, count: int, item_bytes: int, what: str) -> None:
+        """`count` items of at least `item_bytes` each must fit in what is left of the file."""
+        if count * item_bytes > self.size - self.pos:
+            raise GGUFFormatError(
+                f"{self.path}: {what} claims {count} entries, more than the {self.size - self.pos} bytes left "
+                "in the file can hold"
+            )
+
+    def count_elements(self, count: int, key: str) -> None:
+        self.elements += count
+        if self.elements > MAX_METADATA_ELEMENTS:
+            raise GGUFFormatError(
+                f"{self.path}: metadata array {key!r} takes the metadata past {MAX_METADATA_ELEMENTS} array "
+                "elements in all (MAX_METADATA_ELEMENTS); real files hold a few hundred thousand"
+            )
 
     def need(self, count: int, what: str) -> None:
         if self.pos + count > self.size:
@@ -105,23 +133,32 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise GGUFFormatError(f"{self.path}: {what} at byte {start} is not valid UTF-8 ({exc})") from exc
 
-    def value(self, value_type: int, key: str) -> Any:
+    def value(self, value_type: int, key: str, depth: int = 0) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[value_type], f"metadata value {key!r}")[0]
         if value_type == _STRING:
             return self.string(f"metadata value {key!r}")
         if value_type == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise GGUFFormatError(
+                    f"{self.path}: metadata array {key!r} nests arrays more than {MAX_NESTING} deep (MAX_NESTING)"
+                )
             element_type, count = self.unpack("IQ", f"metadata array header {key!r}")
             if element_type in _NUMPY_DTYPES:
                 dtype = np.dtype(_NUMPY_DTYPES[element_type])
-                self.need(count * dtype.itemsize, f"metadata array {key!r}")
+                self.need_items(count, dtype.itemsize, f"metadata array {key!r}")
+                self.count_elements(count, key)
                 array = np.frombuffer(self.view, dtype=dtype, count=count, offset=self.pos)
                 self.pos += count * dtype.itemsize
                 return array.tolist()
             if element_type == _STRING:
+                self.need_items(count, 8, f"metadata array {key!r}")
+                self.count_elements(count, key)
                 return [self.string(f"element {i} of metadata array {key!r}") for i in range(count)]
             if element_type == _ARRAY:
-                return [self.value(self.unpack("I", key)[0], key) for _ in range(count)]
+                self.need_items(count, 12, f"metadata array {key!r}")
+                self.count_elements(count, key)
+                return [self.value(_ARRAY, key, depth + 1) for _ in range(count)]
             raise GGUFFormatError(
                 f"{self.path}: metadata array {key!r} has unknown element type {element_type}"
             )
@@ -183,28 +220,45 @@ def _parse(path: Path, data: np.ndarray) -> GGUFFile:
         detail = " (a big-endian file)" if swapped in _SUPPORTED_VERSIONS else ""
         raise GGUFFormatError(f"{path}: unsupported GGUF version {version}{detail}; supported: 2, 3")
     tensor_count, kv_count = cursor.unpack("QQ", "header counts")
+    cursor.need_items(kv_count, _MIN_KV_BYTES, "the header's metadata count")
+    cursor.need_items(tensor_count, _MIN_TENSOR_BYTES, "the header's tensor count")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cursor.string("metadata key")
+        if key in metadata:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice")
         (value_type,) = cursor.unpack("I", f"type of metadata key {key!r}")
         metadata[key] = cursor.value(value_type, key)
 
     entries = []
+    names: set[str] = set()
     for _ in range(tensor_count):
         name = cursor.string("tensor name")
+        if name in names:
+            raise GGUFFormatError(f"{path}: tensor {name!r} appears twice in the tensor table")
+        names.add(name)
         (num_dims,) = cursor.unpack("I", f"dimension count of tensor {name!r}")
+        if num_dims > MAX_DIMS:
+            raise GGUFFormatError(
+                f"{path}: tensor {name!r} has {num_dims} dimensions; GGUF tensors have at most {MAX_DIMS}"
+            )
         dims = cursor.unpack(f"{num_dims}Q", f"dimensions of tensor {name!r}")
+        if any(d >= 1 << 63 for d in dims):
+            raise GGUFFormatError(f"{path}: tensor {name!r} has a dimension of 2^63 or more: {list(dims)}")
         ggml_type, offset = cursor.unpack("IQ", f"type and offset of tensor {name!r}")
         entries.append((name, tuple(reversed(dims)), ggml_type, offset))
 
-    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"{path}: general.alignment {alignment} is not a power of two")
+    alignment = _alignment(path, metadata)
     data_start = -(-cursor.pos // alignment) * alignment
 
     tensors = []
     for name, shape, ggml_type, offset in entries:
         nbytes = _tensor_nbytes(path, name, shape, ggml_type)
+        if offset % alignment:
+            raise GGUFFormatError(
+                f"{path}: tensor {name!r} starts at data offset {offset}, not a multiple of the "
+                f"{alignment}-byte alignment"
+            )
         info = GGUFTensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
         if info.offset + nbytes > cursor.size:
             raise GGUFFormatError(
@@ -212,4 +266,24 @@ def _parse(path: Path, data: np.ndarray) -> GGUFFile:
                 f"but the file has only {cursor.size} bytes"
             )
         tensors.append(info)
+    _refuse_overlaps(path, tensors)
     return GGUFFile(path, version, metadata, tensors, data)
+
+
+def _alignment(path: Path, metadata: dict[str, Any]) -> int:
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
+    return alignment
+
+
+def _refuse_overlaps(path: Path, tensors: list[GGUFTensorInfo]) -> None:
+    """Two tensors sharing bytes would alias each other's weights: a damaged or crafted table."""
+    previous: GGUFTensorInfo | None = None
+    for info in sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset):
+        if previous is not None and info.offset < previous.offset + previous.nbytes:
+            raise GGUFFormatError(
+                f"{path}: the data of tensors {previous.name!r} (bytes {previous.offset}-"
+                f"{previous.offset + previous.nbytes}) and {info.name!r} (from byte {info.offset}) overlap"
+            )
+        previous = info

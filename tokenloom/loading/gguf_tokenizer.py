@@ -13,9 +13,10 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from tokenloom.errors import ModelLoadError
+from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.loading.checkpoint import TokenizerData
 from tokenloom.loading.gguf_reader import read_gguf
+from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -84,11 +85,26 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
+# The merge rebuild slices every token at every position: sum(len * (len - 1)) characters. Gemma 3's
+# 262k vocabulary needs 9.3M; a crafted one ('a', 'aa', ... 2000 long) 2.7G and ~2M merges.
+MAX_MERGE_REBUILD_CHARS = 64_000_000
+
+
 def generate_merges(
     vocab: dict[str, int], vocab_scores: dict[str, float] | None = None
 ) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary (transformers' `generate_merges`): every split of a token into
-    two vocabulary tokens, ordered by the token's score (best first) or by id when there are no scores."""
+    two vocabulary tokens, ordered by the token's score (best first) or by id when there are no scores.
+    Refuses (TokenizerError) a vocabulary whose rebuild would slice more than MAX_MERGE_REBUILD_CHARS
+    characters, before starting."""
+    work = sum(len(token) * (len(token) - 1) for token in vocab)
+    if work > MAX_MERGE_REBUILD_CHARS:
+        longest = max(vocab, key=len)
+        raise TokenizerError(
+            f"rebuilding BPE merges from this vocabulary of {len(vocab)} tokens would slice {work} characters "
+            f"(limit MAX_MERGE_REBUILD_CHARS={MAX_MERGE_REBUILD_CHARS}); its longest token has {len(longest)} "
+            "characters, real vocabularies' a few dozen",
+        )
     reverse = vocab_scores is not None
     scores = dict(vocab_scores) if vocab_scores is not None else vocab
     merges: list[tuple[str, str, float]] = []
@@ -111,7 +127,7 @@ def _merges(
     md: dict[str, Any], tokens: list[str], vocab_scores: dict[str, float] | None = None
 ) -> list[tuple[str, str]]:
     if "tokenizer.ggml.merges" in md:
-        return [tuple(merge.split(" ")) for merge in md["tokenizer.ggml.merges"]]  # type: ignore[misc]
+        return _parsed_merges(md["tokenizer.ggml.merges"])
     if vocab_scores is None and "tokenizer.ggml.scores" in md:
         vocab_scores = dict(zip(tokens, md["tokenizer.ggml.scores"], strict=False))
     return generate_merges({token: index for index, token in enumerate(tokens)}, vocab_scores)
@@ -247,10 +263,33 @@ def _template(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, vo
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
+def _parsed_merges(merges: list[str]) -> list[tuple[str, str]]:
+    parsed = []
+    for index, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise TokenizerError(
+                f"tokenizer.ggml.merges[{index}] = {merge[:80]!r} is not two tokens separated by one space"
+            )
+        parsed.append((parts[0], parts[1]))
+    return parsed
+
+
 def load_gguf_tokenizer(path: Path) -> TokenizerData:
-    """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model` gpt2, llama or gemma4)."""
+    """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model` gpt2, llama or gemma4).
+
+    Raises ModelLoadError when the file has no tokenizer (or one of a type not supported here) and
+    TokenizerError, naming the file, the key and the value, when its tokenizer metadata is malformed."""
     path = Path(path)
     md = read_gguf(path).metadata
+    check_tokenizer_metadata(md, path)
+    try:
+        return _load(path, md)
+    except TokenizerError as exc:
+        raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
+
+
+def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
     tokenizer_type = md.get("tokenizer.ggml.model")
     architecture = md.get("general.architecture", "")
     tokens = md.get("tokenizer.ggml.tokens")
@@ -265,9 +304,14 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
             f"{path}: cannot build a tokenizer of type {tokenizer_type!r} from GGUF metadata",
             hint=f"supported tokenizer.ggml.model values: {', '.join(sorted(_BY_TYPE))}",
         )
-    tokenizer = builder(md, tokens)
     byte_level = tokenizer_type == "gpt2"
-    vocab = _add_file_special_tokens(tokenizer, md, tokens, byte_level)
+    try:
+        tokenizer = builder(md, tokens)
+        vocab = _add_file_special_tokens(tokenizer, md, tokens, byte_level)
+    except TokenizerError:
+        raise
+    except Exception as exc:  # tokenizers raises bare Exceptions (merges naming unknown tokens, ...)
+        raise TokenizerError(f"the tokenizer metadata does not make a tokenizer: {exc}") from exc
     if byte_level and (split := PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre", ""))) is not None:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -310,7 +354,12 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     add_bos = bool(add_bos) and named["bos"] is not None
     add_eos = add_eos and named["eos"] is not None
-    tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, vocab)
+    try:
+        tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, vocab)
+    except Exception as exc:  # a special token whose id the rebuilt vocabulary does not have
+        raise TokenizerError(
+            f"the BOS/EOS tokens {named['bos']!r}/{named['eos']!r} are not in the rebuilt vocabulary: {exc}"
+        ) from exc
     return TokenizerData(
         tokenizer=tokenizer,
         bos_token=named["bos"],

@@ -7,14 +7,18 @@ PyTorch `.bin` checkpoints are not read (they need pickle); the error says so.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tokenloom.errors import MissingShardError, ModelLoadError, ModelNotFoundError
+from tokenloom.errors import ConfigError, MissingShardError, ModelLoadError, ModelNotFoundError
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource
 from tokenloom.loading.files import read_json_object
+from tokenloom.loading.paths import contained_path
+from tokenloom.models.config_checks import declared_layers
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -48,10 +52,12 @@ def _shard_plan(directory: Path, model_type: object = None) -> list[tuple[Path, 
         for name, shard in weight_map.items():
             if skipped and str(name).startswith(skipped):
                 continue
-            names_by_shard.setdefault(str(shard), []).append(str(name))
+            if not isinstance(shard, str):
+                raise ModelLoadError(f"{index_path}: the shard of tensor {name!r} must be a file name, got {shard!r}")
+            names_by_shard.setdefault(shard, []).append(str(name))
         plan = []
         for shard, names in names_by_shard.items():
-            shard_path = directory / shard
+            shard_path = contained_path(directory, shard, f"the shard of {names[0]!r} named in {index_path}")
             if not shard_path.is_file():
                 raise MissingShardError(
                     f"shard {shard} named in {index_path} is missing",
@@ -147,6 +153,52 @@ def _renamed(
         yield name, tensor
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+# generation_config.json keys that hold token ids, and those that hold a number of the given kind
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_GENERATION_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
+                     "epsilon_cutoff", "eta_cutoff", "diversity_penalty", "max_time"), (int, float)),
+    **dict.fromkeys(("top_k", "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams",
+                     "num_beam_groups", "no_repeat_ngram_size", "num_return_sequences"), (int,)),
+    **dict.fromkeys(("do_sample", "use_cache", "renormalize_logits"), (bool,)),
+}
+
+
+def _check_generation_config(generation_config: dict[str, Any], path: Path, vocab_size: Any) -> None:
+    """Token ids are ids of this vocabulary, numeric settings are numbers: a wrong type here would
+    otherwise surface at the first generate() call, far from the file."""
+    for key in _TOKEN_ID_KEYS:
+        value = generation_config.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is None:
+            continue
+        limit = vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else 1 << 31
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < limit for i in ids):
+            raise ConfigError(f"{path}: {key} must be a token id in [0, {limit}) or a list of them, got {value!r}")
+    for key, kinds in _GENERATION_TYPES.items():
+        value = generation_config.get(key)
+        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ConfigError(f"{path}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < float("inf"):
+            raise ConfigError(f"{path}: {key} must be a finite number >= 0, got {value!r}")
+
+
+def _check_layers(config: dict[str, Any], plan: list[tuple[Path, list[str] | None]], directory: Path) -> None:
+    """A config that declares more layers than the checkpoint's tensors hold is refused before any
+    layer is built (num_hidden_layers = 10**9 would otherwise build layers until memory runs out)."""
+    declared = declared_layers(config)
+    if declared is None:
+        return
+    names = [name for path, listed in plan for name in (listed if listed is not None else _tensor_names(path))]
+    layers = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    if declared > len(layers):
+        raise ConfigError(
+            f"{directory / CONFIG_NAME}: num_hidden_layers is {declared}, but the checkpoint's tensors hold "
+            f"{len(layers)} layers"
+        )
+
+
 def load_hf_checkpoint(directory: Path) -> Checkpoint:
     """Open an HF checkpoint directory; weights are read only when `iter_tensors()` is iterated."""
     directory = Path(directory)
@@ -161,11 +213,14 @@ def load_hf_checkpoint(directory: Path) -> Checkpoint:
     config = read_json_object(config_path)
     generation_config_path = directory / GENERATION_CONFIG_NAME
     generation_config = read_json_object(generation_config_path, missing_ok=True)
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    _check_generation_config(generation_config, generation_config_path, text_config.get("vocab_size"))
     plan = _shard_plan(directory, config.get("model_type"))
     try:
         num_tensors = _count_tensors(plan)
     except Exception as exc:
         raise ModelLoadError(f"could not read the safetensors header in {directory}: {exc}") from exc
+    _check_layers(config, plan, directory)
     return Checkpoint(
         source=ModelSource(kind="hf", path=directory),
         config=config,

@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenloom.errors import GGUFFormatError, ModelLoadError, ModelNotFoundError
 from tokenloom.loading.checkpoint import ModelSource
 from tokenloom.loading.gguf_reader import GGUF_MAGIC
+from tokenloom.loading.paths import contained_path
 from tokenloom.loading.pull import PULL_MODELS, cached_model_path, list_pullable, pull
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
@@ -51,7 +52,7 @@ def _gguf_source(path: Path) -> ModelSource:
 
 def _from_directory(directory: Path, gguf_file: str | None, label: str) -> ModelSource:
     if gguf_file is not None:
-        candidate = directory / gguf_file
+        candidate = contained_path(directory, gguf_file, "gguf_file")
         if not candidate.is_file():
             ggufs = sorted(p.name for p in directory.glob("*.gguf") if p.is_file())
             found = f"; .gguf files there: {', '.join(ggufs)}" if ggufs else ""
@@ -102,6 +103,14 @@ def resolve_model(
     """
     if isinstance(name_or_path, str) and not name_or_path.strip():
         raise ModelNotFoundError("model name or path is empty", hint=_pull_hint())
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelNotFoundError(
+            f"a model is named by a path, a pull name or a hub id (a string), got {type(name_or_path).__name__}"
+        )
+    if isinstance(name_or_path, str) and "\0" in name_or_path:
+        raise ModelNotFoundError(f"model name or path {name_or_path!r} contains a NUL character")
+    if gguf_file is not None:
+        contained_path(Path("<the model directory>"), gguf_file, "gguf_file")  # before anything is fetched
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_file():
         if gguf_file is not None:

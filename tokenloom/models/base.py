@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
+from tokenloom.errors import ConfigError
+from tokenloom.models.config_checks import check_model_config, check_raw_config
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -54,15 +57,49 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls: type[C], raw: dict[str, Any]) -> C:
-        """Build from config.json keys; unknown keys are ignored, derived fields computed here."""
+        """Build from config.json keys; unknown keys are ignored, derived fields computed here.
+        Raises ConfigError (a ValueError) naming the key and the value of anything malformed."""
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every architecture's from_dict checks the raw keys first (config_checks), and a value it still
+        cannot use becomes a ConfigError rather than a KeyError/TypeError from deep inside."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("from_dict")
+        if isinstance(own, classmethod):
+            cls.from_dict = classmethod(_checked_from_dict(own.__func__))  # type: ignore[method-assign,assignment]
 
     @classmethod
     def _pick(cls: type[C], raw: dict[str, Any], **values: Any) -> C:
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs.update(values)
-        return cls(**kwargs)
+        missing = [
+            f.name for f in fields
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(f"the config lacks {', '.join(repr(m) for m in missing)}")
+        config = cls(**kwargs)
+        check_model_config(config)
+        return config
+
+
+def _checked_from_dict(from_dict: Any) -> Any:
+    @functools.wraps(from_dict)
+    def checked(cls: type[C], raw: dict[str, Any]) -> C:
+        check_raw_config(raw)
+        try:
+            return from_dict(cls, raw)
+        except ConfigError:
+            raise
+        except KeyError as exc:
+            raise ConfigError(f"the config lacks {exc.args[0]!r}") from exc
+        except (ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+            raise ConfigError(f"the config cannot be used: {exc}") from exc
+
+    return checked
 
 
 class CausalLM(nn.Module):

@@ -34,7 +34,7 @@ def supported_model_types() -> list[str]:
 
 def model_class_for(config: dict[str, Any]) -> type[CausalLM]:
     model_type = config.get("model_type")
-    name = _ALIASES.get(model_type, model_type)  # type: ignore[arg-type]
+    name = _ALIASES.get(model_type, model_type) if isinstance(model_type, str) else None
     if name not in _ARCHITECTURES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported model types: "
