@@ -1,8 +1,9 @@
 """Weight-only int8 matmul (L1t): y = (x @ q^T) * scale, q int8 [N, K] with one scale per output row.
 
 CPU: torch's `_weight_int8pack_mm` (bfloat16 activations and scales, float32 sums), which needs
-K % 8 == 0: `pad_in` says how many zero columns a caller adds. CUDA: the codes converted to the
-activation dtype and a plain matmul (simple; not tuned).
+K % 16 == 0 (other widths crash it in torch 2.13): `pack_int8` pads the codes and callers pad the
+input to `padded_in(K)`. CUDA: the codes converted to the activation dtype and a plain matmul
+(simple; not tuned).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_K_MULTIPLE = 8
+_K_MULTIPLE = 16
 
 
 def padded_in(in_features: int) -> int:
