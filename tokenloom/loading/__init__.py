@@ -12,6 +12,8 @@ from tokenloom.loading.checkpoint import Checkpoint, ModelSource, TokenizerData
 if TYPE_CHECKING:  # torch is imported when a model is built, not when a tokenizer is loaded
     import torch
 
+    from tokenloom.device import WeightPlan
+    from tokenloom.kernels.policy import KernelPolicy
     from tokenloom.models.base import CausalLM
 
 
@@ -41,8 +43,9 @@ class LoadedModel:
     model: CausalLM
     checkpoint: Checkpoint
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of activations, norms and the KV cache
     load_seconds: float
+    weights: WeightPlan | None = None  # how the weights are held (quantized kernels or dense)
 
 
 def load_model(
@@ -54,9 +57,15 @@ def load_model(
     quantize_bits: int | None = None,
     revision: str | None = None,
     progress: bool = False,
+    kernels: KernelPolicy | None = None,
 ) -> LoadedModel:
-    """Resolve a path / pull name / hub id and build the model on the chosen device and dtype."""
-    from tokenloom.device import resolve_device, resolve_dtype
+    """Resolve a path / pull name / hub id and build the model on the chosen device.
+
+    dtype None / "auto": a GGUF's quantized matrices run on the int4/int8 kernels (see
+    `tokenloom.device.resolve_weights`); an explicit dtype dequantizes everything to it (float32: the
+    exact mode). quantize_bits 8 / 4: load_in_8bit / load_in_4bit. `kernels` overrides when the
+    quantized kernels run and which dense copy is kept for wide calls."""
+    from tokenloom.device import resolve_device, resolve_weights
     from tokenloom.loading.build import build_model
     from tokenloom.loading.resolve import resolve_model
 
@@ -65,9 +74,9 @@ def load_model(
     checkpoint = load_checkpoint(source)
     device = resolve_device(device_map)
     config_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
-    torch_dtype = resolve_dtype(dtype, device, config_dtype)
-    model = build_model(checkpoint, device, torch_dtype, quantize_bits=quantize_bits, progress=progress)
-    return LoadedModel(model, checkpoint, device, torch_dtype, time.perf_counter() - start)
+    plan = resolve_weights(dtype, device, config_dtype, quantize_bits, kernels)
+    model = build_model(checkpoint, device, plan, progress=progress)
+    return LoadedModel(model, checkpoint, device, plan.dtype, time.perf_counter() - start, plan)
 
 
 __all__ = [

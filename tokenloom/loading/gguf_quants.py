@@ -6,15 +6,17 @@ in chunks of blocks; the other types fall back to `gguf.quants.dequantize` (nump
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenloom.errors import GGUFFormatError
-from tokenloom.kernels.ggml import TORCH_DEQUANTIZERS
+from tokenloom.kernels.ggml import AFFINE_DECODERS, TORCH_DEQUANTIZERS, affine_rows
 
-__all__ = ["TORCH_DEQUANTIZERS", "dequantize", "supported_types"]
+__all__ = ["TORCH_DEQUANTIZERS", "GGUFTensor", "dequantize", "stored_dense", "supported_types"]
 
 # Blocks per chunk: bounds the temporaries of one step to a few MB so they stay in cache.
 _CHUNK_BLOCKS = 1 << 14
@@ -64,3 +66,39 @@ def _is_supported(qtype: GGMLQuantizationType) -> bool:
         return True
     traits = getattr(gguf_quants, "_type_traits", {})
     return qtype in traits
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A quantized tensor as stored: raw rows uint8 [rows, row_bytes] (a view of the file's map, or a
+    row-permuted copy) of one ggml type, standing for float32 `shape` = [rows, row_length]. Loaders
+    hand these to the model builder, which repacks them for a kernel or dequantizes them."""
+
+    rows: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        return GGMLQuantizationType(self.ggml_type).name
+
+    @property
+    def is_affine(self) -> bool:
+        """Whether its groups of 32 are code * scale + offset (the int4 kernels take it exactly)."""
+        return self.ggml_type in AFFINE_DECODERS
+
+    @property
+    def affine_bits(self) -> int:
+        return AFFINE_DECODERS[self.ggml_type][1]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.rows.reshape(-1), self.ggml_type, self.shape)
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(codes uint8 [rows, row_length], scales, offsets float32 [rows, row_length // 32], bits)."""
+        return affine_rows(self.rows, self.ggml_type, self.shape[1])
+
+
+def stored_dense(tensor: torch.Tensor | GGUFTensor) -> torch.Tensor:
+    """A checkpoint tensor as a dense tensor (GGUF blocks dequantized to float32)."""
+    return tensor.dequantize() if isinstance(tensor, GGUFTensor) else tensor

@@ -15,7 +15,7 @@ from tokenizers.models import BPE
 
 from tokenloom.errors import ModelLoadError
 from tokenloom.loading.checkpoint import TokenizerData
-from tokenloom.loading.gguf_reader import read_gguf
+from tokenloom.loading.gguf_cache import parsed_gguf
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -250,7 +250,7 @@ def _template(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, vo
 def load_gguf_tokenizer(path: Path) -> TokenizerData:
     """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model` gpt2, llama or gemma4)."""
     path = Path(path)
-    md = read_gguf(path).metadata
+    md = parsed_gguf(path).metadata
     tokenizer_type = md.get("tokenizer.ggml.model")
     architecture = md.get("general.architecture", "")
     tokens = md.get("tokenizer.ggml.tokens")

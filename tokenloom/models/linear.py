@@ -21,7 +21,6 @@ copies are buffers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +28,18 @@ from torch import nn
 
 from tokenloom.kernels import int4, int8
 from tokenloom.kernels.ggml import dequantize_rows
+from tokenloom.kernels.policy import KernelPolicy
 
-
-@dataclass(frozen=True)
-class KernelPolicy:
-    """Which path a quantized weight takes: calls of up to `max_kernel_rows` rows run the quantized
-    kernel; wider calls use a dense copy in `dense_dtype` when one is kept (None: no copy, the kernel
-    for every call)."""
-
-    max_kernel_rows: int = 16
-    dense_dtype: torch.dtype | None = None
+__all__ = [
+    "ConcatLinear",
+    "Embedding",
+    "GGUFEmbedding",
+    "Int4Linear",
+    "Int8Linear",
+    "KernelPolicy",
+    "Linear",
+    "QuantizedLinear",
+]
 
 
 class Linear(nn.Module):

@@ -58,15 +58,17 @@ def int4_groups(
 
 
 def quantize_weight(
-    linear: Linear, bits: int, device: torch.device, policy: KernelPolicy = KernelPolicy()
+    weight: torch.Tensor,
+    bits: int,
+    device: torch.device,
+    *,
+    bias: torch.Tensor | None = None,
+    output_sizes: list[int] | None = None,
+    policy: KernelPolicy = KernelPolicy(),
+    dense: torch.Tensor | None = None,
 ) -> Int8Linear | Int4Linear:
-    """The quantized format of a dense Linear (its weight read once, in float32)."""
-    options = {
-        "output_sizes": linear.output_sizes,
-        "bias": None if linear.bias is None else linear.bias.detach().to(device),
-        "policy": policy,
-    }
-    weight = linear.weight.detach()
+    """A dense weight [out_features, in_features] (read once, in float32) in the format of `bits`."""
+    options = {"output_sizes": output_sizes, "bias": bias, "policy": policy, "dense": dense}
     if bits == 8:
         codes, scales = int8_rows(weight)
         return Int8Linear.from_codes(codes, scales, device, **options)
@@ -89,5 +91,9 @@ def quantize_linears(model: nn.Module, bits: int, skip: tuple[str, ...] = ("lm_h
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_weight(module, bits, module.weight.device))
+        bias = None if module.bias is None else module.bias.detach()
+        quantized = quantize_weight(
+            module.weight.detach(), bits, module.weight.device, bias=bias, output_sizes=module.output_sizes
+        )
+        setattr(parent, child, quantized)
     return len(targets)
