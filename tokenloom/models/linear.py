@@ -86,6 +86,18 @@ class QuantizedLinear(nn.Module):
         self.max_kernel_rows = policy.max_kernel_rows
         self.register_buffer("dense", dense)  # [out_features, in_features] or None
 
+    # buffers whose dtype the kernel fixes: Module.half() / .to(dtype) move them, never cast them
+    kernel_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        dtypes = {name: self._buffers[name].dtype for name in self.kernel_buffers}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != dtype:
+                self._buffers[name] = buffer.to(dtype)
+        return self
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] -> [rows, out_features] through the quantized kernel."""
         raise NotImplementedError
@@ -121,6 +133,8 @@ class Int4Linear(QuantizedLinear):
     more bits is stored as `pieces` 4-bit pieces side by side along the input dimension (piece p holds
     bits 4p..4p+3 with its scale multiplied by 16**p); the input is repeated once per piece, so the
     kernel's float32 sums add the pieces up."""
+
+    kernel_buffers = ("packed", "scale_and_zeros")
 
     def __init__(
         self,
@@ -215,6 +229,8 @@ def _piece_plan(bits: int) -> tuple[int, int, int]:
 class Int8Linear(QuantizedLinear):
     """int8 codes [N, K] with one scale per output row: w = code * scale."""
 
+    kernel_buffers = ("codes", "scales")
+
     def __init__(
         self,
         codes: torch.Tensor,
@@ -290,14 +306,15 @@ class GGUFEmbedding(nn.Module):
     def __init__(self, rows: torch.Tensor, ggml_type: int, embedding_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("rows", rows)
+        # an empty tensor of the output dtype, so that Module.half() / .to(dtype) change it too
+        self.register_buffer("output_dtype", torch.empty(0, dtype=dtype, device=rows.device), persistent=False)
         self.ggml_type = int(ggml_type)
         self.num_embeddings, self.embedding_dim = rows.shape[0], embedding_dim
-        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         values = dequantize_rows(self.rows.index_select(0, flat), self.ggml_type, self.embedding_dim)
-        return values.to(self.dtype).view(*ids.shape, self.embedding_dim)
+        return values.to(self.output_dtype.dtype).view(*ids.shape, self.embedding_dim)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.rows, self.ggml_type, self.embedding_dim)
