@@ -75,6 +75,10 @@ def test_repacked_blocks_dequantize_through_the_kernel(qtype: Q) -> None:
     got = _through_kernel(linear, 512)
     err = (got - reference).abs()
     assert torch.all(err <= _int4_bound(rows, qtype, reference)), err.max().item()
+    # the dense copy kept for wide calls holds exactly gguf.quants' values
+    stored = GGUFTensor(rows, int(qtype), (48, 512))
+    with_copy = materialize_linear(_meta_linear(512, 48), {None: stored}, {}, CPU, _keep_quantized(torch.float32), None)
+    assert torch.equal(with_copy.dense, reference)
 
 
 def _check_real_values(rows: torch.Tensor, qtype: Q, row_length: int) -> None:

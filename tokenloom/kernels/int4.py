@@ -13,6 +13,7 @@ The CPU kernel needs N % 16 == 0 and K % group_size == 0; `pack_int4` pads both 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -67,8 +68,11 @@ def pack_int4(
         zeros = torch.nn.functional.pad(zeros, (0, group_pad, 0, pad_rows), value=0.0)
     scale_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
     scale_and_zeros = scale_and_zeros.to(device=device, dtype=torch.bfloat16)
-    chunks = [_pack_rows(codes[start : start + _PACK_ROWS], device) for start in range(0, codes.shape[0], _PACK_ROWS)]
-    packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+    if device.type == "cpu" and _cpu_block_rows():
+        packed = _pack_rows(codes, device)  # uint8 ops only: no int32 staging to bound
+    else:
+        chunks = [_pack_rows(codes[i : i + _PACK_ROWS], device) for i in range(0, codes.shape[0], _PACK_ROWS)]
+        packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
     return packed, scale_and_zeros, layout
 
 
@@ -77,7 +81,41 @@ def _pack_rows(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
         pairs = codes.to(device=device, dtype=torch.uint8)
         nibbles = (pairs[:, ::2] << 4 | pairs[:, 1::2]).contiguous()
         return torch.ops.aten._convert_weight_to_int4pack(nibbles, _inner_k_tiles(codes.shape[1]))
+    block = _cpu_block_rows()
+    if block:
+        return _pack_cpu_layout(codes, block).to(device)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1).to(device)
+
+
+def _pack_cpu_layout(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """The CPU kernel's layout written with a few uint8 ops (torch's packer wants int32 codes, four
+    bytes per weight, and packs them one by one): per block of `block` rows, for every input column,
+    byte j holds row j in its low nibble and row j + block/2 in its high one; a last partial block
+    (16, 32 or 48 rows) holds rows n and n + 1 in byte n/2 of each column."""
+    rows, cols = codes.shape
+    full = rows // block * block
+    half = block // 2
+    parts = []
+    if full:
+        grouped = codes[:full].view(rows // block, 2, half, cols)
+        combined = grouped[:, 0] | (grouped[:, 1] << 4)  # [blocks, half, K]
+        parts.append(combined.transpose(1, 2).reshape(-1))  # [blocks, K, half]
+    if rows > full:
+        pairs = codes[full:].view((rows - full) // 2, 2, cols)
+        parts.append((pairs[:, 0] | (pairs[:, 1] << 4)).t().reshape(-1))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(rows, cols // 2)
+
+
+@lru_cache(maxsize=1)
+def _cpu_block_rows() -> int:
+    """The row block of this process's CPU kernel layout (64 with AVX512, 32 with AVX2), found by
+    packing a small matrix both ways; 0 when neither matches (torch's packer is used then)."""
+    probe = torch.randint(0, 16, (112, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+    for block in (64, 32):
+        if torch.equal(_pack_cpu_layout(probe, block), reference):
+            return block
+    return 0
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -115,6 +115,14 @@ def materialize_linear(
     return parts[0] if len(parts) == 1 else ConcatLinear(parts, sizes)
 
 
+def _affine_dense(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """code * scale + offset per group of 32, in float32: the same operations as the dequantizers, so
+    the same values as `gguf.quants` (without decoding the blocks a second time)."""
+    rows, cols = codes.shape
+    grouped = codes.view(rows, cols // AFFINE_GROUP, AFFINE_GROUP).float()
+    return (grouped * scales[..., None] + offsets[..., None]).view(rows, cols)
+
+
 def _quantized_part(
     kind: tuple[str, int],
     blocks: list[Any],
@@ -124,18 +132,18 @@ def _quantized_part(
     plan: WeightPlan,
 ) -> nn.Module:
     dense_dtype = plan.kernels.dense_dtype
-    options = {"output_sizes": sizes, "bias": bias, "policy": plan.kernels}
+    options: dict[str, Any] = {"output_sizes": sizes, "bias": bias, "policy": plan.kernels}
     if kind[0] == "dense":
         return _dense_linear(_cat([to_dense(b, device, plan.dtype) for b in blocks]), bias, sizes)
-    dequantized = [b.dequantize() for b in blocks] if kind[0] == "int8" or dense_dtype is not None else None
-    if dense_dtype is not None:
-        assert dequantized is not None
-        options["dense"] = _cat(dequantized).to(device=device, dtype=dense_dtype)
     if kind[0] == "int8":
-        assert dequantized is not None
-        codes, scales = int8_rows(_cat(dequantized))
+        dequantized = _cat([b.dequantize() for b in blocks])
+        if dense_dtype is not None:
+            options["dense"] = dequantized.to(device=device, dtype=dense_dtype)
+        codes, scales = int8_rows(dequantized)
         return Int8Linear.from_codes(codes, scales, device, **options)
     affine = [b.affine() for b in blocks]
+    if dense_dtype is not None:
+        options["dense"] = _cat([_affine_dense(*a[:3]).to(device=device, dtype=dense_dtype) for a in affine])
     codes, scales, offsets = (_cat([a[i] for a in affine]) for i in range(3))
     bits = max(a[3] for a in affine)
     return Int4Linear.from_affine(codes, scales, offsets, bits, AFFINE_GROUP, device, **options)

@@ -177,20 +177,23 @@ class Int4Linear(QuantizedLinear):
         if piece_in != in_features:  # the padded columns meet zero inputs: any code will do
             codes = F.pad(codes, (0, piece_in - in_features), value=8)
         pieces, shift, centre = _piece_plan(bits)
-        piece_codes, piece_scales, piece_zeros = [], [], []
-        for p in range(pieces):
-            piece = (codes >> (4 * p)) & 0x0F
-            piece_codes.append(piece + shift if p == pieces - 1 and shift else piece)
-            piece_scales.append(scales * float(16**p))
-            # all of the constant goes to piece 0: sum_p (c_p - 8) * 16**p * s + offset + centre * s
-            piece_zeros.append(offsets + centre * scales if p == 0 else torch.zeros_like(scales))
-        packed, scale_and_zeros, layout = int4.pack_int4(
-            torch.cat(piece_codes, dim=1),
-            torch.cat(piece_scales, dim=1),
-            torch.cat(piece_zeros, dim=1),
-            group_size,
-            device,
-        )
+        zeros = offsets + centre * scales  # all of the constant goes to piece 0
+        if pieces == 1:  # 4-bit codes go in as they are
+            packed, scale_and_zeros, layout = int4.pack_int4(codes, scales, zeros, group_size, device)
+        else:
+            piece_codes, piece_scales, piece_zeros = [], [], []
+            for p in range(pieces):
+                piece = (codes >> (4 * p)) & 0x0F
+                piece_codes.append(piece + shift if p == pieces - 1 and shift else piece)
+                piece_scales.append(scales * float(16**p))
+                piece_zeros.append(zeros if p == 0 else torch.zeros_like(scales))
+            packed, scale_and_zeros, layout = int4.pack_int4(
+                torch.cat(piece_codes, dim=1),
+                torch.cat(piece_scales, dim=1),
+                torch.cat(piece_zeros, dim=1),
+                group_size,
+                device,
+            )
         return cls(packed, scale_and_zeros, layout, in_features=in_features, pieces=pieces, **options)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
