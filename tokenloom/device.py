@@ -101,11 +101,13 @@ def resolve_weights(
     """The weight plan for a `dtype` argument.
 
     An explicit dtype (torch.float32, "float32", bfloat16, ...) dequantizes everything to it: float32 is
-    the exact mode the parity tests use. None / "auto" keeps a GGUF's quantized matrices on the kernels:
-    on the CPU with float32 activations and, for calls of more than 16 rows (prefill chunks, wide
-    batches), a dense copy in the CPU's fastest GEMM dtype (bfloat16 with AMX, else float32); on CUDA
-    in bfloat16 without a dense copy (not measured: no GPU was at hand). `quantize_bits` quantizes
-    dense linear weights instead and keeps no dense copy (memory is what it is asked for).
+    the exact mode the parity tests use. None / "auto" keeps a GGUF's quantized matrices on the kernels,
+    with float32 activations on the CPU. With AMX it also keeps a bfloat16 copy for calls of more than
+    16 rows (prefill chunks, wide batches), where AMX GEMMs beat the int4 kernel; without AMX no copy
+    is kept: a float32 one makes those calls about 2x faster but costs 4 bytes per weight and the
+    load time to build it (pass `kernels=KernelPolicy(dense_dtype=torch.float32)` for that;
+    docs/weights.md has the measurements). On CUDA: bfloat16, no copy (not measured: no GPU was at
+    hand). `quantize_bits` quantizes dense linear weights instead, with no copy.
     """
     if quantize_bits not in (None, 4, 8):
         raise ValueError(f"quantize_bits must be None, 4 or 8, got {quantize_bits!r}")
@@ -116,7 +118,7 @@ def resolve_weights(
     if not is_auto:
         return WeightPlan(torch_dtype)
     if device.type == "cpu":
-        default = KernelPolicy(dense_dtype=torch.bfloat16 if cpu_has_amx() else torch.float32)
+        default = KernelPolicy(dense_dtype=torch.bfloat16 if cpu_has_amx() else None)
         return WeightPlan(torch_dtype, True, None, kernels or default)
     # tinygemm (the CUDA int4 kernel) takes bfloat16 activations only
     keep = device.type == "cuda" and torch_dtype == torch.bfloat16
