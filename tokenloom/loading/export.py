@@ -42,8 +42,13 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         unpacked.setdefault(fused, {})[index] = name
     state: dict[str, torch.Tensor] = {}
     covered: set[str] = set()
+    def inside_covered(name: str) -> bool:
+        return any(name == c or name.startswith(c + ".") for c in covered)
+
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if inside_covered(module_name):  # a part of a ConcatLinear: exported with its whole
+            continue
         if isinstance(module, EMBEDDING_FORMATS):
             state[prefix + "weight"] = module.dequantized_weight().to(dtype)
             covered.add(module_name)
@@ -66,8 +71,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 for index, block in enumerate(bias.to(dtype).split(sizes)):
                     state[f"{head}{names[index]}.bias"] = block
     for name, param in model.named_parameters(remove_duplicate=False):
-        module_name = name.rpartition(".")[0]
-        if not any(module_name == c or module_name.startswith(c + ".") for c in covered):
+        if not inside_covered(name.rpartition(".")[0]):
             state[name] = param.detach()
     config = getattr(model, "config", None)
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in state:

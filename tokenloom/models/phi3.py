@@ -136,6 +136,7 @@ class Phi3ForCausalLM(RotaryDecoderLM):
     """Phi-3: RMSNorm pre-norm blocks, fused-qkv rotary attention, fused gate/up MLP."""
 
     config_class = Phi3Config
+    packed_modules_mapping: dict[str, tuple[str, int]] = {}  # its checkpoints store qkv_proj / gate_up_proj
 
     def __init__(self, config: Phi3Config) -> None:
         layers = [
