@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.kernels.policy import KernelPolicy, cpu_has_amx
+from tokenloom.kernels.policy import KernelPolicy, cpu_has_fast_bf16
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -51,8 +51,8 @@ def resolve_device(device_map: Any = None) -> torch.device:
 
 def resolve_dtype(dtype: Any, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
     """None/"auto": the checkpoint's dtype on an accelerator (bf16/fp16); on the CPU bfloat16 for a
-    half-precision checkpoint where the CPU has AMX, else float32 (without AMX, oneDNN's bf16 GEMMs
-    measured slower than float32 ones on an AVX512_BF16 Xeon: docs/weights.md)."""
+    half-precision checkpoint where the CPU has AVX512_BF16 or AMX (oneDNN's bf16 GEMMs then beat
+    float32 ones for more than a few rows), else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype={dtype} is not supported (use float32, float16 or bfloat16)")
@@ -60,7 +60,8 @@ def resolve_dtype(dtype: Any, device: torch.device, config_dtype: str | None = N
     if dtype is None or dtype == "auto":
         named = _DTYPE_NAMES.get(str(config_dtype or "").replace("torch.", ""))
         if device.type == "cpu":
-            return torch.bfloat16 if named in (torch.float16, torch.bfloat16) and cpu_has_amx() else torch.float32
+            half = named in (torch.float16, torch.bfloat16)
+            return torch.bfloat16 if half and cpu_has_fast_bf16() else torch.float32
         if named is not None and named != torch.float32:
             return named
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -102,12 +103,12 @@ def resolve_weights(
 
     An explicit dtype (torch.float32, "float32", bfloat16, ...) dequantizes everything to it: float32 is
     the exact mode the parity tests use. None / "auto" keeps a GGUF's quantized matrices on the kernels,
-    with float32 activations on the CPU. With AMX it also keeps a bfloat16 copy for calls of more than
-    16 rows (prefill chunks, wide batches), where AMX GEMMs beat the int4 kernel; without AMX no copy
-    is kept: a float32 one makes those calls about 2x faster but costs 4 bytes per weight and the
-    load time to build it (pass `kernels=KernelPolicy(dense_dtype=torch.float32)` for that;
-    docs/weights.md has the measurements). On CUDA: bfloat16, no copy (not measured: no GPU was at
-    hand). `quantize_bits` quantizes dense linear weights instead, with no copy.
+    with float32 activations on the CPU; where the CPU has AVX512_BF16 or AMX it also keeps a bfloat16
+    copy (2 bytes per weight) for calls of more than 16 rows (prefill chunks, wide batches), on which
+    oneDNN's bf16 GEMMs beat the int4 kernel (which re-decodes the weights for every 4 rows). Pass
+    `kernels=KernelPolicy(dense_dtype=None)` to keep only the quantized weights. On CUDA: bfloat16,
+    no copy (not measured: no GPU was at hand). `quantize_bits` quantizes dense linear weights
+    instead, with no copy (memory is what it is asked for).
     """
     if quantize_bits not in (None, 4, 8):
         raise ValueError(f"quantize_bits must be None, 4 or 8, got {quantize_bits!r}")
@@ -118,7 +119,7 @@ def resolve_weights(
     if not is_auto:
         return WeightPlan(torch_dtype)
     if device.type == "cpu":
-        default = KernelPolicy(dense_dtype=torch.bfloat16 if cpu_has_amx() else None)
+        default = KernelPolicy(dense_dtype=torch.bfloat16 if cpu_has_fast_bf16() else None)
         return WeightPlan(torch_dtype, True, None, kernels or default)
     # tinygemm (the CUDA int4 kernel) takes bfloat16 activations only
     keep = device.type == "cuda" and torch_dtype == torch.bfloat16

@@ -40,3 +40,8 @@ def cpu_has_amx() -> bool:
 def cpu_has_avx512_bf16() -> bool:
     """AVX512_BF16: bfloat16 dot products, which the int4/int8 kernels' fast paths use."""
     return _cpu_flag("_is_avx512_bf16_supported")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bfloat16 GEMMs in hardware (AVX512_BF16 or AMX): oneDNN then runs them faster than float32."""
+    return cpu_has_amx() or cpu_has_avx512_bf16()
