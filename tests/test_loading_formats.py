@@ -152,3 +152,13 @@ def test_safetensors_tensors_are_views_of_the_file_map(llama_dir) -> None:
     embed.zero_()  # copy-on-write: the file keeps its bytes
     again = SafetensorsMap(llama_dir / "model.safetensors").tensor("model.embed_tokens.weight")
     assert not torch.equal(again, embed) and np.count_nonzero(again.numpy()) > 0
+
+
+def test_import_tokenloom_loads_no_heavy_module() -> None:
+    """`import tokenloom` stays fast: torch, numpy and gguf are imported when a model is loaded."""
+    import subprocess
+    import sys
+
+    code = "import sys, tokenloom; print(sorted(m for m in ('torch', 'numpy', 'gguf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
