@@ -75,7 +75,8 @@ def test_missing_block_of_a_fused_projection_is_named(llama_dir, tmp_path) -> No
 
 
 def test_each_gguf_block_type_gets_its_format(tiny_ggufs) -> None:
-    """The tiny llama stores q Q8_0, k Q4_1, v Q8_0, gate Q4_0, up Q5_1, down F16, output Q4_0."""
+    """The tiny llama stores q Q8_0, k Q4_1, v Q8_0, gate Q4_0, up Q5_1, down F16, output Q4_0 (the
+    output projection stays dense: float32 logits)."""
     model = load_model(tiny_ggufs["llama"], device_map="cpu").model
     layer = model.model.layers[0]
     qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
@@ -83,8 +84,10 @@ def test_each_gguf_block_type_gets_its_format(tiny_ggufs) -> None:
     assert isinstance(gate_up, ConcatLinear) and [p.pieces for p in gate_up.parts] == [1, 2]
     assert isinstance(layer.self_attn.o_proj, Int4Linear) and layer.self_attn.o_proj.pieces == 2  # Q8_0
     assert type(layer.mlp.down_proj) is Linear  # F16: dense
-    assert isinstance(model.lm_head, Int4Linear) and model.lm_head.pieces == 1
-    assert isinstance(model.model.embed_tokens, GGUFEmbedding)
+    assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == torch.float32
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)  # untied: the embedding keeps its blocks
+    gemma = load_model(tiny_ggufs["gemma3"], device_map="cpu").model  # tied: one dense Parameter for both
+    assert gemma.lm_head.weight is gemma.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,8 +1,8 @@
 """Weight formats and their kernels (models/linear.py, kernels/): GGUF blocks repacked for the int4
 kernel dequantize (through the kernel, identity input) to what `gguf.quants` gives, within the
-kernel's bfloat16 scale precision; other types requantized to int8 within half a row step; the
-load_in_8bit / load_in_4bit quantizers' rounding bounds; the row dispatch between kernel and dense
-copy. `gguf.quants` (llama.cpp's reference) is the oracle."""
+kernel's bfloat16 scale precision; other types requantized to 8 bits in groups within half a step;
+the load_in_8bit / load_in_4bit quantizers' rounding bounds; the row dispatch between kernel and
+dense copy. `gguf.quants` (llama.cpp's reference) is the oracle."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tokenloom.loading.formats import materialize_linear
 from tokenloom.loading.gguf_quants import GGUFTensor
 from tokenloom.loading.gguf_reader import read_gguf
 from tokenloom.models.linear import Int4Linear, Int8Linear, Linear
-from tokenloom.models.quantization import int4_groups, int8_rows, quantize_weight
+from tokenloom.models.quantization import affine_groups, int8_rows, quantize_weight
 
 CPU = torch.device("cpu")
 U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
@@ -118,17 +118,22 @@ def _meta_linear(in_features: int, out_features: int, sizes=None, bias=False) ->
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda q: q.name)
-def test_other_types_are_requantized_to_int8_within_half_a_row_step(qtype: Q) -> None:
+def test_other_types_are_requantized_to_8_bits_in_groups(qtype: Q) -> None:
     rows = _random_rows(qtype, 32, 512, seed=int(qtype))
     reference = _reference(rows, qtype)
     stored = GGUFTensor(rows, int(qtype), (32, 512))
     linear = materialize_linear(_meta_linear(512, 32), {None: stored}, {}, CPU, _keep_quantized(), None)
-    assert isinstance(linear, Int8Linear)
-    step = reference.abs().amax(dim=1, keepdim=True) / 127  # the row's step before bf16 rounding up
+    assert isinstance(linear, Int4Linear) and linear.pieces == 2
+    codes, scales, offsets = affine_groups(reference, 8)
+    requantized = (codes.float().view(32, 16, 32) * scales[..., None] + offsets[..., None]).view(32, 512)
+    step = scales.repeat_interleave(32, dim=1)
+    zero = (offsets + 136 * scales).repeat_interleave(32, dim=1)
+    # half a step of range/255 inside a group; at its ends the bf16 zero and scale can add U of each
+    bound = step * (1 + U) / 2 + U * (zero.abs() + 255 * step) + 1e-7
+    assert torch.all((requantized - reference).abs() <= bound)
+    # the kernel computes with exactly these weights (a bf16 result of the identity product)
     got = _through_kernel(linear, 512)
-    # half a (bf16-rounded-up) step of rounding, then the bf16 output of the identity product
-    bound = step * (1 + 2 * U) / 2 + U * (reference.abs() + step / 2) + 1e-7
-    assert torch.all((got - reference).abs() <= bound)
+    assert torch.all((got - requantized).abs() <= U * requantized.abs() + 1e-6)
 
 
 def test_fused_blocks_of_different_types_keep_each_format(tmp_path) -> None:
@@ -139,7 +144,7 @@ def test_fused_blocks_of_different_types_keep_each_format(tmp_path) -> None:
     biases = {i: torch.randn(n) for i, n in enumerate([64, 32, 32])}
     fused = materialize_linear(module, {0: q, 1: k, 2: v}, biases, CPU, _keep_quantized(), None)
     parts = fused.parts
-    assert [type(p) for p in parts] == [Int4Linear, Int8Linear]  # q and k share one int4 matrix
+    assert [p.pieces for p in parts] == [1, 2]  # q and k share one int4 matrix; v requantized to 8 bits
     assert parts[0].out_features == 96 and fused.output_sizes == [64, 32, 32]
     x = torch.randn(3, 256)
     reference = torch.cat([_reference(t.rows, Q(t.ggml_type)) for t in (q, k, v)])
@@ -164,12 +169,13 @@ def test_rows_decide_between_kernel_and_dense_copy() -> None:
 
 
 @pytest.mark.parametrize("in_features", [128, 75, 33, 1])
-def test_int8_quantization_error_is_bounded_by_half_a_step(in_features: int) -> None:
+def test_int8_per_row_quantization_error_is_bounded_by_half_a_step(in_features: int) -> None:
     torch.manual_seed(in_features)
     weight = torch.randn(12, in_features)
     weight[0] = 0.0  # an all-zero row must not divide by zero
     bias = torch.randn(12)
-    linear = quantize_weight(weight, 8, CPU, bias=bias)
+    linear = quantize_weight(weight, 8, CPU, bias=bias, per_row=True)
+    assert isinstance(linear, Int8Linear)
     codes, scales = int8_rows(weight)
     step = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
     assert torch.all(scales >= step) and torch.all(scales <= step * (1 + 2 * U))  # bf16, rounded up
@@ -187,29 +193,32 @@ def test_int8_quantization_error_is_bounded_by_half_a_step(in_features: int) -> 
     assert torch.all((linear(x) - F.linear(x, weight, bias)).abs() <= total)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("in_features", [128, 96, 75, 33, 1])
-def test_int4_quantization_error_is_bounded_by_half_a_step(in_features: int) -> None:
+def test_group_quantization_error_is_bounded_by_half_a_step(in_features: int, bits: int) -> None:
     torch.manual_seed(in_features)
     weight = torch.randn(7, in_features)
-    linear = quantize_weight(weight, 4, CPU)
-    codes, scales, offsets = int4_groups(weight)
+    linear = quantize_weight(weight, bits, CPU)
+    assert isinstance(linear, Int4Linear) and linear.pieces == bits // 4
+    levels, centre = 2**bits - 1, (8 if bits == 4 else 136)
+    codes, scales, offsets = affine_groups(weight, bits)
     groups = math.ceil(in_features / 32)
-    assert codes.shape == weight.shape and int(codes.max()) <= 15 and scales.shape == (7, groups)
+    assert codes.shape == weight.shape and int(codes.max()) <= levels and scales.shape == (7, groups)
     step = torch.empty_like(weight)
     for g in range(groups):
         part = weight[:, g * 32 : (g + 1) * 32]
-        step[:, g * 32 : (g + 1) * 32] = ((part.amax(1, keepdim=True) - part.amin(1, keepdim=True)) / 15).clamp(
-            min=1e-12
-        )
-    zero = (offsets + 8 * scales).repeat_interleave(32, dim=1)[:, :in_features]
+        spread = part.amax(1, keepdim=True) - part.amin(1, keepdim=True)
+        step[:, g * 32 : (g + 1) * 32] = (spread / levels).clamp(min=1e-12)
+    zero = (offsets + centre * scales).repeat_interleave(32, dim=1)[:, :in_features]
     dequantized = linear.dequantized_weight()
     # half a step inside the group's range; at its two ends the bf16 rounding of the zero and of the
-    # scale (15 steps) can add U of each
-    bound = step * (1 + U) / 2 + U * (zero.abs() + 15 * step) + 4 * F32_EPS * weight.abs().max()
+    # scale (`levels` steps) can add U of each
+    bound = step * (1 + U) / 2 + U * (zero.abs() + levels * step) + 4 * F32_EPS * weight.abs().max()
     assert torch.all((dequantized - weight).abs() <= bound)
     stored = sum(b.numel() * b.element_size() for b in linear.buffers())
-    # 4 bits per weight plus a bf16 scale and zero per group, N padded to the kernel's 16 rows
-    assert stored <= 16 * (groups * 32 // 2 + 4 * groups)
+    # 4 bits per weight and piece plus a bf16 scale and zero per group and piece, N padded to 16 rows
+    pieces = bits // 4
+    assert stored <= 16 * pieces * (groups * 32 // 2 + 4 * groups)
     x = torch.randn(5, in_features)
     exact = F.linear(x, dequantized)
     assert torch.all((linear(x) - exact).abs() <= U * (x.abs() @ dequantized.abs().t()) * 2 + U * exact.abs() + 1e-5)

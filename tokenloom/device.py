@@ -102,13 +102,16 @@ def resolve_weights(
     """The weight plan for a `dtype` argument.
 
     An explicit dtype (torch.float32, "float32", bfloat16, ...) dequantizes everything to it: float32 is
-    the exact mode the parity tests use. None / "auto" keeps a GGUF's quantized matrices on the kernels,
-    with float32 activations on the CPU; where the CPU has AVX512_BF16 or AMX it also keeps a bfloat16
-    copy (2 bytes per weight) for calls of more than 16 rows (prefill chunks, wide batches), on which
-    oneDNN's bf16 GEMMs beat the int4 kernel (which re-decodes the weights for every 4 rows). Pass
-    `kernels=KernelPolicy(dense_dtype=None)` to keep only the quantized weights. On CUDA: bfloat16,
-    no copy (not measured: no GPU was at hand). `quantize_bits` quantizes dense linear weights
-    instead, with no copy (memory is what it is asked for).
+    the exact mode the parity tests use. None / "auto" keeps a GGUF's quantized matrices on the kernels
+    for calls of up to 16 rows (decode steps), with float32 activations on the CPU, and an exact
+    float32 copy for wider calls (prefill chunks, wide batches): there the int4 kernel, which decodes
+    the weights again for every 4 rows, is the slowest path, and the copy makes prefill exactly the
+    exact mode's. The copy costs 4 bytes per weight and the time to build it:
+    `kernels=KernelPolicy(dense_dtype=None)` keeps only the quantized weights,
+    `KernelPolicy(dense_dtype=torch.bfloat16)` half of it (docs/weights.md has the measurements).
+    The output projection is always dense. On CUDA: bfloat16, no copy (not measured: no GPU was at
+    hand). `quantize_bits` quantizes dense linear weights instead, with no copy (memory is what it
+    is asked for).
     """
     if quantize_bits not in (None, 4, 8):
         raise ValueError(f"quantize_bits must be None, 4 or 8, got {quantize_bits!r}")
@@ -119,7 +122,7 @@ def resolve_weights(
     if not is_auto:
         return WeightPlan(torch_dtype)
     if device.type == "cpu":
-        default = KernelPolicy(dense_dtype=torch.bfloat16 if cpu_has_fast_bf16() else None)
+        default = KernelPolicy(dense_dtype=torch.float32)
         return WeightPlan(torch_dtype, True, None, kernels or default)
     # tinygemm (the CUDA int4 kernel) takes bfloat16 activations only
     keep = device.type == "cuda" and torch_dtype == torch.bfloat16

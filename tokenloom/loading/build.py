@@ -26,7 +26,6 @@ from tokenloom.device import WeightPlan
 from tokenloom.errors import ModelLoadError
 from tokenloom.loading.checkpoint import Checkpoint
 from tokenloom.loading.formats import materialize_embedding, materialize_linear, stored_shape, to_dense
-from tokenloom.loading.gguf_quants import GGUFTensor
 from tokenloom.models.base import CausalLM
 from tokenloom.models.linear import Embedding, Linear
 from tokenloom.models.registry import model_class_for
@@ -88,15 +87,20 @@ def build_model(
     router.tie(bool(config.tie_word_embeddings))
     router.check_complete()
 
+    # The output projection stays dense in every mode: logits rounded to bfloat16 (the quantized
+    # kernels' output) flip greedy choices between near-tied tokens. Tied to the embedding, it shares
+    # the embedding's Parameter, which is then dense too (as transformers ties them).
+    dense = WeightPlan(plan.dtype)
+    shared = router.drop_tied_head()
     jobs: list[tuple[str, Callable[[], Any]]] = []
     for slot in router.slots.values():
-        jobs.append((slot.name, _slot_job(slot, device, plan)))
+        is_head = slot.name == _TIED[0] or (shared and slot.name == _TIED[1])
+        jobs.append((slot.name, _slot_job(slot, device, dense if is_head else plan)))
     for (module_name, attr), tensor in router.params.items():
         jobs.append((f"{module_name}.{attr}" if module_name else attr, _param_job(tensor, device, plan.dtype)))
-    shared = router.shared_embedding(plan)
     for name, value in _run_jobs(jobs, num_workers):
         _set_by_name(model, name, value)
-    if shared:  # exact-mode tie: one Parameter for both (as transformers ties them)
+    if shared:
         model.get_submodule(_TIED[0]).weight = model.get_submodule(_TIED[1]).weight
 
     for module in model.modules():
@@ -187,14 +191,12 @@ class _Router:
             self.slots[head] = _Slot(head, head_module, {None: source.weights[None]})
             self.tied = True
 
-    def shared_embedding(self, plan: WeightPlan) -> bool:
-        """Whether the tied head simply shares the embedding's Parameter: when both would be dense
-        (the head is never quantized from dense, and a dense stored tensor stays dense)."""
-        head, embedding = _TIED
-        if not self.tied or (plan.keep_quantized and isinstance(self.slots[head].weights[None], GGUFTensor)):
-            return False
-        del self.slots[head]
-        return True
+    def drop_tied_head(self) -> bool:
+        """Whether the head is tied to the embedding (its slot is dropped: it will share the
+        embedding's Parameter)."""
+        if self.tied:
+            del self.slots[_TIED[0]]
+        return self.tied
 
     def check_complete(self) -> None:
         missing = []
@@ -229,8 +231,7 @@ def _expected_block(module: nn.Module, attr: str, index: int | None) -> tuple[in
 def _slot_job(slot: _Slot, device: torch.device, plan: WeightPlan) -> Callable[[], nn.Module]:
     if isinstance(slot.module, Embedding):
         return lambda: materialize_embedding(slot.module, slot.weights[None], device, plan)
-    quantize = plan.quantize_bits if slot.name != _TIED[0] else None
-    return lambda: materialize_linear(slot.module, slot.weights, slot.biases, device, plan, quantize)
+    return lambda: materialize_linear(slot.module, slot.weights, slot.biases, device, plan, plan.quantize_bits)
 
 
 def _param_job(tensor: Any, device: torch.device, dtype: torch.dtype) -> Callable[[], nn.Parameter]:

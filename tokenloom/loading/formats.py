@@ -6,8 +6,8 @@ Which format a weight gets (`WeightPlan`, decided in `tokenloom.device`):
 - `quantize_bits` (load_in_8bit / load_in_4bit): dense weights quantized per tensor, lm_head kept dense;
 - `keep_quantized` (dtype="auto"): each GGUF block of a projection by its type: Q4_0 / Q4_1 / Q4_K on the
   int4 kernel as they are, Q5_0 / Q5_1 / Q5_K / Q8_0 as two 4-bit pieces (both exact up to the kernel's
-  bfloat16 scales); other quantized types (Q6_K, Q2_K, Q3_K, ...) requantized to int8 per output row;
-  float tensors dense. Row blocks of one fused projection in the same format share one module,
+  bfloat16 scales); other quantized types (Q6_K, Q2_K, Q3_K, ...) requantized to 8-bit codes in groups
+  of 32 (two pieces, within half a step of range/255 per group); float tensors dense. Row blocks of one fused projection in the same format share one module,
   different formats make a ConcatLinear. Quantized embeddings stay GGUF blocks.
 
 Each quantized tensor is read from its stored blocks straight into its kernel layout; float32 exists
@@ -30,10 +30,9 @@ from tokenloom.models.linear import (
     Embedding,
     GGUFEmbedding,
     Int4Linear,
-    Int8Linear,
     Linear,
 )
-from tokenloom.models.quantization import int8_rows, quantize_weight
+from tokenloom.models.quantization import affine_groups, quantize_weight
 
 
 def stored_shape(tensor: Any) -> tuple[int, ...]:
@@ -63,12 +62,13 @@ def materialize_embedding(module: Embedding, tensor: Any, device: torch.device, 
 
 
 def _kind(tensor: Any) -> tuple[str, int]:
-    """How a stored block runs when kept quantized: ("int4", pieces), ("int8", 0) or ("dense", 0)."""
+    """How a stored block runs when kept quantized: ("int4", pieces) as stored, ("int8", 2) requantized
+    to 8 bits in groups, or ("dense", 0)."""
     if not isinstance(tensor, GGUFTensor):
         return ("dense", 0)
     if tensor.is_affine and tensor.shape[1] % AFFINE_GROUP == 0:
         return ("int4", -(-tensor.affine_bits // 4))
-    return ("int8", 0)
+    return ("int8", 2)
 
 
 def _blocks(parts: dict[int | None, Any], sizes: list[int]) -> tuple[list[Any], list[int]]:
@@ -135,12 +135,12 @@ def _quantized_part(
     options: dict[str, Any] = {"output_sizes": sizes, "bias": bias, "policy": plan.kernels}
     if kind[0] == "dense":
         return _dense_linear(_cat([to_dense(b, device, plan.dtype) for b in blocks]), bias, sizes)
-    if kind[0] == "int8":
+    if kind[0] == "int8":  # requantized: 8-bit codes in groups of 32
         dequantized = _cat([b.dequantize() for b in blocks])
         if dense_dtype is not None:
             options["dense"] = dequantized.to(device=device, dtype=dense_dtype)
-        codes, scales = int8_rows(dequantized)
-        return Int8Linear.from_codes(codes, scales, device, **options)
+        codes, scales, offsets = affine_groups(dequantized, 8, AFFINE_GROUP)
+        return Int4Linear.from_affine(codes, scales, offsets, 8, AFFINE_GROUP, device, **options)
     affine = [b.affine() for b in blocks]
     if dense_dtype is not None:
         options["dense"] = _cat([_affine_dense(*a[:3]).to(device=device, dtype=dense_dtype) for a in affine])

@@ -176,7 +176,7 @@ class Int4Linear(QuantizedLinear):
         piece_in = -(-in_features // group_size) * group_size
         if piece_in != in_features:  # the padded columns meet zero inputs: any code will do
             codes = F.pad(codes, (0, piece_in - in_features), value=8)
-        pieces, shift, centre = _piece_plan(bits)
+        pieces, shift, centre = piece_plan(bits)
         zeros = offsets + centre * scales  # all of the constant goes to piece 0
         if pieces == 1:  # 4-bit codes go in as they are
             packed, scale_and_zeros, layout = int4.pack_int4(codes, scales, zeros, group_size, device)
@@ -212,7 +212,7 @@ class Int4Linear(QuantizedLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, pieces={self.pieces}"
 
 
-def _piece_plan(bits: int) -> tuple[int, int, int]:
+def piece_plan(bits: int) -> tuple[int, int, int]:
     """(pieces, shift, centre) for codes of `bits` bits: the top piece's codes are stored shifted by
     `shift` (they use fewer than 4 bits when bits % 4 != 0), and the kernel's "- 8" per piece plus the
     shift leave `centre` scales to add back. The shift is chosen so that centre - 2**(bits - 1) is as
