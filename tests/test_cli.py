@@ -69,7 +69,7 @@ def fake_inputs(monkeypatch, lines: list[str | type[BaseException]]) -> list[str
 
 
 def test_generate_prints_prompt_and_greedy_continuation(smollm2_gguf, hf_smollm2, capsys):
-    code = main(["generate", PROMPT, "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)])
+    code = main(["generate", PROMPT, "--model", str(smollm2_gguf), "--dtype", "float32", "-n", str(NEW_TOKENS)])
     out = capsys.readouterr()
     assert code == 0
     _, tok = hf_smollm2
@@ -86,7 +86,8 @@ def test_generate_stop_flag_cuts_the_output_before_the_stop_text(smollm2_gguf, h
     words = expected.split()
     assert len(words) >= 3, expected
     stop = words[2]  # a word well inside the greedy continuation
-    code = main(["generate", PROMPT, "--model", str(smollm2_gguf), "-n", "16", "--stop", stop, "--no-echo"])
+    code = main(["generate", PROMPT, "--model", str(smollm2_gguf), "--dtype", "float32", "-n", "16", "--stop", stop,
+                 "--no-echo"])
     out = capsys.readouterr()
     assert code == 0
     assert out.out == expected[: expected.index(stop)] + "\n"
@@ -96,7 +97,7 @@ def test_generate_chat_template_flag_replaces_the_models_template(smollm2_gguf, 
     template = tmp_path / "qa.jinja"
     template.write_text("{% for m in messages %}Question: {{ m['content'] }}\n{% endfor %}Answer:")
     code = main(["generate", "What is the capital of France?", "--model", str(smollm2_gguf), "--chat",
-                 "--chat-template", str(template), "-n", str(NEW_TOKENS)])
+                 "--chat-template", str(template), "--dtype", "float32", "-n", str(NEW_TOKENS)])
     out = capsys.readouterr()
     assert code == 0
     _, tok = hf_smollm2
@@ -131,7 +132,7 @@ def test_generate_reads_the_prompt_from_stdin_and_from_a_file(smollm2_gguf, hf_s
 
 def test_generate_chat_sends_the_prompt_through_the_chat_template(smollm2_gguf, hf_smollm2, capsys):
     question = "What is the capital of France?"
-    code = main(["generate", question, "--chat", "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)])
+    code = main(["generate", question, "--chat", "--model", str(smollm2_gguf), "--dtype", "float32", "-n", str(NEW_TOKENS)])
     out = capsys.readouterr()
     assert code == 0
     expected = hf_greedy_text(hf_smollm2, hf_chat_ids(hf_smollm2, [{"role": "user", "content": question}]))
@@ -143,7 +144,7 @@ def test_generate_chat_sends_the_prompt_through_the_chat_template(smollm2_gguf, 
 
 def test_chat_reads_stdin_and_prints_replies(smollm2_gguf, hf_smollm2, capsys, monkeypatch):
     prompts = fake_inputs(monkeypatch, ["hello", "/exit"])
-    code = main(["chat", "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)])
+    code = main(["chat", "--model", str(smollm2_gguf), "--dtype", "float32", "-n", str(NEW_TOKENS)])
     out = capsys.readouterr()
     assert code == 0
     assert prompts == ["", ""]  # asked twice ("hello", then "/exit"); no prompt text without a terminal

@@ -144,7 +144,7 @@ def test_llm_requests_stop_at_eos_even_with_user_params(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def smollm2_engine(smollm2_gguf, one_torch_thread):
-    return LLM(str(smollm2_gguf)).engine
+    return LLM(str(smollm2_gguf), dtype="float32").engine
 
 
 def _run(engine, requests) -> list[dict]:

@@ -205,7 +205,7 @@ def test_mapping_module_stays_torch_free():
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf), device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf), device_map="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def ref(hf_smollm2):
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return pipeline("text-generation", model=str(smollm2_gguf), device_map="cpu")
+    return pipeline("text-generation", model=str(smollm2_gguf), device_map="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("full", [True, False])
@@ -74,7 +74,7 @@ def test_beams_and_stop_sequence_equal_transformers(ref, ours):
 
 
 def test_loaded_model_path_and_construction_defaults(ref, hf_smollm2_dir, smollm2_gguf):
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf), device_map="cpu", dtype="float32")
     from_model = pipeline("text-generation", model=model, max_new_tokens=12, do_sample=False)
     assert from_model.model is model
     expected = ref("The capital of France is", **GREEDY)

@@ -92,11 +92,30 @@ def test_save_pretrained_refuses_what_it_does_not_do(tmp_path, kwargs, error, ma
         model.save_pretrained(tmp_path / "out", **kwargs)
 
 
-def test_quantized_model_is_refused(tmp_path):
+def test_quantized_model_saves_the_weights_it_computes_with(tmp_path):
+    """A load_in_8bit model is written dequantized (the values its kernel uses, no quantization_config):
+    transformers loads those values."""
     model = AutoModelForCausalLM.from_pretrained(str(write_tiny_gguf_with_tokenizer(tmp_path, "llama")),
                                                  device_map="cpu", dtype="float32", load_in_8bit=True)  # fmt: skip
-    with pytest.raises(NotImplementedError, match="quantized"):
-        model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    layer = model.model.layers[0]
+    saved = dict(reference.named_parameters())
+    q_size = layer.self_attn.qkv_proj.output_sizes[0]
+    dense = {  # what each kernel multiplies by (checked against the kernel in test_weight_formats)
+        "model.layers.0.self_attn.o_proj.weight": layer.self_attn.o_proj.dequantized_weight(),
+        "model.layers.0.self_attn.q_proj.weight": layer.self_attn.qkv_proj.dequantized_weight()[:q_size],
+        "model.layers.0.mlp.down_proj.weight": layer.mlp.down_proj.dequantized_weight(),
+    }
+    for name, weight in dense.items():
+        assert torch.equal(saved[name].detach(), weight), name
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        expected = reference(ids).logits
+    got = model(ids).logits  # the kernels round activations to bfloat16: close, not the same bits
+    assert (got - expected).abs().mean() <= 0.05 * expected.abs().mean()  # a wrong weight: ~100%
 
 
 def test_tokenizer_save_pretrained_round_trip(tmp_path):

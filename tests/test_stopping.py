@@ -21,7 +21,7 @@ def _params(**overrides) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf, one_torch_thread) -> LLM:
-    return LLM(str(smollm2_gguf))
+    return LLM(str(smollm2_gguf), dtype="float32")
 
 
 @pytest.fixture(scope="module")

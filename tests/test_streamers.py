@@ -47,7 +47,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf, one_torch_thread) -> LLM:
-    return LLM(str(smollm2_gguf))
+    return LLM(str(smollm2_gguf), dtype="float32")  # decode-vs-prefill logits to 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,21 @@ engine with the weights, and the transformers helpers around them."""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from tokenloom.compat.forward import CausalLMOutput, causal_lm_forward, check_forward_args
+from tokenloom.compat.hf_names import hf_named_tensors
 from tokenloom.engine.engine import Engine
 from tokenloom.loading import LoadedModel
 from tokenloom.models.base import CausalLM
+from tokenloom.models.linear import EMBEDDING_FORMATS
+
+_EMBEDDINGS = (nn.Embedding, *EMBEDDING_FORMATS)
 
 
 class EngineModule(nn.Module):
@@ -68,16 +74,34 @@ class EngineModule(nn.Module):
             self.engine = Engine(self.causal_lm, self.engine.config, tokenizer=self.engine.tokenizer)
         return self
 
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """Under transformers' names: a fused qkv_proj / gate_up_proj shows as q_proj, k_proj, v_proj /
+        gate_proj, up_proj (views of its rows)."""
+        head = f"{prefix}." if prefix else ""
+        own = super().named_parameters(recurse=recurse, remove_duplicate=remove_duplicate)
+        for name, param in hf_named_tensors(self, self.causal_lm, own):
+            yield head + name, param  # type: ignore[misc]
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """transformers' names and tensors (fused projections shown as their checkpoint tensors)."""
+        own = super().state_dict(*args, prefix="", keep_vars=keep_vars)
+        out = OrderedDict() if destination is None else destination
+        for name, tensor in hf_named_tensors(self, self.causal_lm, iter(own.items())):
+            out[prefix + name] = tensor if keep_vars else tensor.detach()
+        return out
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted as transformers counts them (a tied weight once)."""
-        embeddings = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
+        embeddings = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, _EMBEDDINGS)}
         return sum(
             p.numel() for name, p in self.named_parameters()
             if (not exclude_embeddings or name not in embeddings) and (not only_trainable or p.requires_grad)
         )  # fmt: skip
 
     def get_input_embeddings(self) -> nn.Module:
-        return next(m for m in self.modules() if isinstance(m, nn.Embedding))
+        return next(m for m in self.modules() if isinstance(m, _EMBEDDINGS))
 
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self.causal_lm, "lm_head", None)

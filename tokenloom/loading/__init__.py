@@ -13,6 +13,8 @@ from tokenloom.loading.checkpoint import Checkpoint, ModelSource, TokenizerData
 if TYPE_CHECKING:  # torch is imported when a model is built, not when a tokenizer is loaded
     import torch
 
+    from tokenloom.device import WeightPlan
+    from tokenloom.kernels.policy import KernelPolicy
     from tokenloom.models.base import CausalLM
 
 # The tokens of the load-time check: one forward pass over them must give finite logits.
@@ -45,8 +47,9 @@ class LoadedModel:
     model: CausalLM
     checkpoint: Checkpoint
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of activations, norms and the KV cache
     load_seconds: float
+    weights: WeightPlan | None = None  # how the weights are held (quantized kernels or dense)
 
 
 def load_model(
@@ -58,14 +61,20 @@ def load_model(
     quantize_bits: int | None = None,
     revision: str | None = None,
     progress: bool = False,
+    kernels: KernelPolicy | None = None,
     check_logits: bool = True,
 ) -> LoadedModel:
-    """Resolve a path / pull name / hub id and build the model on the chosen device and dtype.
+    """Resolve a path / pull name / hub id and build the model on the chosen device.
+
+    dtype None / "auto": a GGUF's quantized matrices run on the int4/int8 kernels (see
+    `tokenloom.device.resolve_weights`); an explicit dtype dequantizes everything to it (float32: the
+    exact mode). quantize_bits 8 / 4: load_in_8bit / load_in_4bit. `kernels` overrides when the
+    quantized kernels run and which dense copy is kept for wide calls.
 
     Every load error is a ModelLoadError naming the file; with `check_logits` (the default) one forward
     pass over a three-token input must give finite logits (NaN weights, or values that overflow, are
     refused here instead of generating token 0 forever)."""
-    from tokenloom.device import resolve_device, resolve_dtype
+    from tokenloom.device import resolve_device, resolve_weights
     from tokenloom.loading.build import build_model
     from tokenloom.loading.resolve import resolve_model
 
@@ -74,16 +83,16 @@ def load_model(
     checkpoint = load_checkpoint(source)
     device = resolve_device(device_map)
     config_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
-    torch_dtype = resolve_dtype(dtype, device, config_dtype)
+    plan = resolve_weights(dtype, device, config_dtype, quantize_bits, kernels)
     try:
-        model = build_model(checkpoint, device, torch_dtype, quantize_bits=quantize_bits, progress=progress)
+        model = build_model(checkpoint, device, plan, progress=progress)
     except ModelLoadError as exc:
         if str(source.path) in str(exc):
             raise
         raise type(exc)(f"{source.path}: {exc}", hint=exc.hint) from exc
     if check_logits:
         check_finite_logits(model, source)
-    return LoadedModel(model, checkpoint, device, torch_dtype, time.perf_counter() - start)
+    return LoadedModel(model, checkpoint, device, plan.dtype, time.perf_counter() - start, plan)
 
 
 def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
@@ -93,6 +102,7 @@ def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
 
     from tokenloom.attention.paged import AttentionMetadata
     from tokenloom.cache.kv_cache import KVCache
+    from tokenloom.models.linear import GGUFEmbedding, QuantizedLinear
 
     config = model.config
     ids = [min(t, config.vocab_size - 1) for t in _CHECK_TOKENS]
@@ -107,6 +117,10 @@ def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
         if bool(torch.isfinite(logits).all()):
             return
         bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+        bad += [  # weights kept as quantized codes or GGUF blocks: their values as the kernels see them
+            f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, (QuantizedLinear, GGUFEmbedding)) and not torch.isfinite(m.dequantized_weight()).all()
+        ]  # fmt: skip
     weights = f"non-finite weights: {', '.join(bad[:4])}" if bad else (
         "the weights are finite, so config values (a norm epsilon, a rope base) or weights too large overflow"
     )

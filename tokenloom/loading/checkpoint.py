@@ -26,6 +26,8 @@ class Checkpoint:
     config: the keys of config.json (GGUF metadata mapped to the same keys).
     generation_config: the keys of generation_config.json ({} when absent).
     iter_tensors: yields (HF parameter name, float tensor) pairs, dequantized, in HF layout.
+    iter_stored: the same tensors as stored when that differs (GGUF quantized blocks kept as
+        `GGUFTensor`, memory-mapped views); None: iter_tensors.
     """
 
     source: ModelSource
@@ -33,6 +35,7 @@ class Checkpoint:
     generation_config: dict[str, Any]
     iter_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     num_tensors: int | None = None
+    iter_stored: Callable[[], Iterator[tuple[str, Any]]] | None = None
 
 
 # The special-token attributes transformers tokenizers name (tokenizer_config.json keys).

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from tokenloom.errors import GGUFFormatError
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource
+from tokenloom.loading.gguf_cache import parsed_gguf
 from tokenloom.loading.gguf_config import SUPPORTED_ARCHITECTURES, gguf_config
-from tokenloom.loading.gguf_quants import dequantize, supported_types
-from tokenloom.loading.gguf_reader import GGUFFile, GGUFTensorInfo, read_gguf
+from tokenloom.loading.gguf_quants import GGUFTensor, dequantize, supported_types
+from tokenloom.loading.gguf_reader import GGUFFile, GGUFTensorInfo
 from tokenloom.loading.gguf_rope import ROPE_FREQS, llama3_rope_from_freqs
 
 # GGUF tensor names -> HF parameter names
@@ -151,6 +153,29 @@ def _materialize(gguf: GGUFFile, plan: _TensorPlan) -> torch.Tensor:
     return tensor
 
 
+_FLOAT_VIEWS = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def _stored(gguf: GGUFFile, plan: _TensorPlan) -> torch.Tensor | GGUFTensor:
+    """One tensor as the model builder takes it: quantized matrices stay blocks (`GGUFTensor`, rows
+    un-permuted for Q/K), float matrices are views of the file map; vectors and tensors that need
+    arithmetic (gemma's norms, gpt2's transposed Conv1D weights) are dequantized to float32."""
+    info = plan.info
+    if len(info.shape) != 2 or plan.subtract_one or plan.transpose:
+        return _materialize(gguf, plan)
+    rows = torch.from_numpy(gguf.raw(info)).view(info.shape[0], -1)
+    if plan.permute_heads > 0:
+        rows = _unpermute_rows(rows, plan.permute_heads)
+    float_dtype = _FLOAT_VIEWS.get(GGMLQuantizationType(info.ggml_type))
+    if float_dtype is not None:
+        return rows.view(float_dtype)
+    return GGUFTensor(rows, info.ggml_type, (int(info.shape[0]), int(info.shape[1])))
+
+
 def _default_workers() -> int:
     return max(
         1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -191,13 +216,15 @@ def _iter_tensors(
 
 
 def load_gguf_checkpoint(path: Path, *, num_workers: int | None = None) -> Checkpoint:
-    """Read a GGUF file's config and lazily dequantized tensors (float32, HF names and layout).
+    """Read a GGUF file's config and its tensors lazily, under HF names and in HF layout: dequantized
+    to float32 (`iter_tensors`) or as stored (`iter_stored`: quantized blocks kept, see `_stored`).
+    The header is parsed once per file (`parsed_gguf`), shared with the tokenizer loader.
 
     Raises ModelNotFoundError for a missing file, GGUFFormatError for a malformed or truncated one
     or an unsupported tensor type, UnsupportedModelError for an architecture not mapped here.
     """
     path = Path(path)
-    gguf = read_gguf(path)
+    gguf = parsed_gguf(path)
     architecture = gguf.metadata.get("general.architecture")
     config = gguf_config(gguf.metadata, [info.name for info in gguf.tensors], path)
     generation_config = {
@@ -213,12 +240,16 @@ def load_gguf_checkpoint(path: Path, *, num_workers: int | None = None) -> Check
     def iter_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         return _iter_tensors(gguf, plans, workers)
 
+    def iter_stored() -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+        return ((plan.name, _stored(gguf, plan)) for plan in plans)
+
     return Checkpoint(
         source=ModelSource(kind="gguf", path=path),
         config=config,
         generation_config=generation_config,
         iter_tensors=iter_tensors,
         num_tensors=len(plans),
+        iter_stored=iter_stored,
     )
 
 

@@ -15,7 +15,7 @@ from tokenizers.models import BPE
 
 from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.loading.checkpoint import TokenizerData
-from tokenloom.loading.gguf_reader import read_gguf
+from tokenloom.loading.gguf_cache import parsed_gguf
 from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -281,7 +281,7 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
     Raises ModelLoadError when the file has no tokenizer (or one of a type not supported here) and
     TokenizerError, naming the file, the key and the value, when its tokenizer metadata is malformed."""
     path = Path(path)
-    md = read_gguf(path).metadata
+    md = parsed_gguf(path).metadata
     check_tokenizer_metadata(md, path)
     try:
         return _load(path, md)

@@ -1,7 +1,8 @@
 """Read a Hugging Face checkpoint directory: config.json, generation_config.json, safetensors weights.
 
 Weights come from `model.safetensors` or from the shards named by `model.safetensors.index.json`;
-tensors are read lazily, one at a time, under the names they are stored with (HF names).
+tensors are memory-mapped views (no copy until read), one at a time, under the names they are stored
+with (HF names).
 PyTorch `.bin` checkpoints are not read (they need pickle); the error says so.
 """
 
@@ -18,6 +19,7 @@ from tokenloom.errors import ConfigError, MissingShardError, ModelLoadError, Mod
 from tokenloom.loading.checkpoint import Checkpoint, ModelSource
 from tokenloom.loading.files import read_json_object
 from tokenloom.loading.paths import contained_path
+from tokenloom.loading.safetensors_mmap import SafetensorsMap
 from tokenloom.models.config_checks import declared_layers
 
 CONFIG_NAME = "config.json"
@@ -115,12 +117,14 @@ def _iter_plan(plan: list[tuple[Path, list[str] | None]]) -> Iterator[tuple[str,
             raise ModelLoadError(f"could not read safetensors file {path}: {exc}") from exc
         with handle as f:
             stored = set(f.keys())
+            mapped = SafetensorsMap(path)  # zero-copy views; safe_open has checked the header
             for name in names if names is not None else list(f.keys()):
                 if name not in stored:
                     raise ModelLoadError(
                         f"tensor {name!r} is not in {path.name}, although {SAFETENSORS_INDEX_NAME} says so"
                     )
-                yield name, f.get_tensor(name)
+                tensor = mapped.tensor(name)
+                yield name, tensor if tensor is not None else f.get_tensor(name)
 
 
 # model_type -> the prefix of its base-model parameters in a *ForCausalLM / *LMHeadModel checkpoint.

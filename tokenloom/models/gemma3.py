@@ -17,7 +17,8 @@ from torch import nn
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
-from tokenloom.models.layers import Attention, GatedMLP, RotaryEmbedding, rms_normalize
+from tokenloom.models.layers import PACKED_MODULES, Attention, GatedMLP, RotaryEmbedding, rms_normalize
+from tokenloom.models.linear import Embedding, Linear
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -155,7 +156,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3TextModel(nn.Module):
     def __init__(self, config: Gemma3TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One table per layer type, each with its own base (and scaling, for the global layers).
@@ -174,12 +175,13 @@ class Gemma3TextModel(nn.Module):
 
 class Gemma3ForCausalLM(CausalLM):
     config_class = Gemma3TextConfig
+    packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config: Gemma3TextConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma3TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def forward(
         self,

@@ -15,6 +15,7 @@ from tokenloom.attention.paged import AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
 from tokenloom.models.layers import Conv1D, activation
+from tokenloom.models.linear import Linear
 
 
 @dataclass
@@ -93,8 +94,11 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # plain nn.Embedding (always dense: the tied head reads wte.weight as a matrix); `_weight`
+        # skips the random initialisation, which loading overwrites anyway
+        vocab, hidden, positions = config.vocab_size, config.hidden_size, config.max_position_embeddings
+        self.wte = nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden))
+        self.wpe = nn.Embedding(positions, hidden, _weight=torch.empty(positions, hidden))
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
@@ -110,7 +114,7 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(config)
         # Tied: no lm_head parameter at all, so a checkpoint's copy (or its absence) cannot untie it.
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
 
     def forward(

@@ -15,6 +15,7 @@ from torch import nn
 from tokenloom.attention.paged import AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
+from tokenloom.models.linear import Embedding, Linear
 
 # cos, sin: [num_tokens, 1, rotary_dim]; sin's first half negated (see apply_rotary)
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -54,18 +55,31 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
+# Checkpoint module names -> (fused module, row block): the loader fills one fused projection from the
+# separate q/k/v and gate/up tensors of a checkpoint (`packed_modules_mapping` of the model classes).
+PACKED_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), the Llama-family MLP."""
+    """down(act(gate(x)) * up(x)), the Llama-family MLP, with gate and up fused into one
+    `gate_up_proj` (gate rows first) that the loader fills from gate_proj and up_proj."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias, [intermediate_size] * 2)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +196,7 @@ class RotaryAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, o_bias)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
@@ -222,18 +236,19 @@ class RotaryAttention(nn.Module):
 
 
 class Attention(RotaryAttention):
-    """Separate q_proj/k_proj/v_proj (Llama, Qwen2, Qwen3); `qkv_bias` for those three. The other
-    arguments are RotaryAttention's."""
+    """q, k and v from one fused `qkv_proj` (rows q, then k, then v) that the loader fills from the
+    checkpoint's q_proj/k_proj/v_proj (Llama, Qwen2, Qwen3, Gemma 3); `qkv_bias` for those three. The
+    other arguments are RotaryAttention's."""
 
     def __init__(self, *args: Any, qkv_bias: bool = False, **options: Any) -> None:
         super().__init__(*args, **options)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(self.hidden_size, q_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(self.hidden_size, kv_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(self.hidden_size, kv_size, bias=qkv_bias)
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = Linear(self.hidden_size, q_size + 2 * kv_size, qkv_bias, self.qkv_sizes)
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
@@ -289,7 +304,7 @@ class RotaryDecoder(nn.Module):
 
     def __init__(self, config: DecoderConfig, layers: list[nn.Module], rotary_emb: nn.Module) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = rotary_emb
@@ -299,6 +314,8 @@ class RotaryDecoderLM(CausalLM):
     """`model` (a RotaryDecoder) and `lm_head`; the architectures supply their layers (and their rope
     table when it is not the config's plain one)."""
 
+    packed_modules_mapping = PACKED_MODULES
+
     def __init__(
         self, config: DecoderConfig, layers: list[nn.Module], rotary_emb: nn.Module | None = None
     ) -> None:
@@ -307,7 +324,7 @@ class RotaryDecoderLM(CausalLM):
         if rotary_emb is None:
             rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.model = RotaryDecoder(config, layers, rotary_emb)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, attn_meta: AttentionMetadata

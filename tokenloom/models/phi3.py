@@ -23,6 +23,7 @@ from tokenloom.models.layers import (
     activation,
     rope_tables,
 )
+from tokenloom.models.linear import Linear
 
 
 @dataclass
@@ -108,12 +109,12 @@ class Phi3Attention(RotaryAttention):
 
     def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__(*args, **options)
-        rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(self.hidden_size, rows, bias=False)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = Linear(self.hidden_size, q_size + 2 * kv_size, False, self.qkv_sizes)
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         return q, k, v
 
 
@@ -122,8 +123,8 @@ class Phi3MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, False, [intermediate_size] * 2)
+        self.down_proj = Linear(intermediate_size, hidden_size)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,7 @@ class Phi3ForCausalLM(RotaryDecoderLM):
     """Phi-3: RMSNorm pre-norm blocks, fused-qkv rotary attention, fused gate/up MLP."""
 
     config_class = Phi3Config
+    packed_modules_mapping: dict[str, tuple[str, int]] = {}  # its checkpoints store qkv_proj / gate_up_proj
 
     def __init__(self, config: Phi3Config) -> None:
         layers = [

@@ -1,0 +1,149 @@
+"""Stored checkpoint tensors -> the weight formats of `models/linear.py` (L3).
+
+Which format a weight gets (`WeightPlan`, decided in `tokenloom.device`):
+
+- exact mode (an explicit dtype): dense, dequantized to that dtype;
+- `quantize_bits` (load_in_8bit / load_in_4bit): dense weights quantized per tensor, lm_head kept dense;
+- `keep_quantized` (dtype="auto"): each GGUF block of a projection by its type: Q4_0 / Q4_1 / Q4_K on the
+  int4 kernel as they are, Q5_0 / Q5_1 / Q5_K / Q8_0 as two 4-bit pieces (both exact up to the kernel's
+  bfloat16 scales); other quantized types (Q6_K, Q2_K, Q3_K, ...) requantized to 8-bit codes in groups
+  of 32 (two pieces, within half a step of range/255 per group); float tensors dense. Row blocks of one fused projection in the same format share one module,
+  different formats make a ConcatLinear. Quantized embeddings stay GGUF blocks.
+
+Each quantized tensor is read from its stored blocks straight into its kernel layout; float32 exists
+only per tensor (the dense copy for wide calls, when the plan keeps one, and int8 requantization).
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenloom.device import WeightPlan
+from tokenloom.kernels.ggml import AFFINE_GROUP, TORCH_DEQUANTIZERS
+from tokenloom.loading.gguf_quants import GGUFTensor, stored_dense
+from tokenloom.models.linear import (
+    ConcatLinear,
+    Embedding,
+    GGUFEmbedding,
+    Int4Linear,
+    Linear,
+)
+from tokenloom.models.quantization import affine_groups, quantize_weight
+
+
+def stored_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def to_dense(tensor: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return stored_dense(tensor).to(device=device, dtype=dtype)
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> Linear:
+    with torch.device("meta"):
+        linear = Linear(weight.shape[1], weight.shape[0], bias is not None, sizes)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def materialize_embedding(module: Embedding, tensor: Any, device: torch.device, plan: WeightPlan) -> nn.Module:
+    if plan.keep_quantized and isinstance(tensor, GGUFTensor) and tensor.ggml_type in TORCH_DEQUANTIZERS:
+        return GGUFEmbedding(tensor.rows.to(device), tensor.ggml_type, module.embedding_dim, plan.dtype)
+    with torch.device("meta"):
+        embedding = Embedding(module.num_embeddings, module.embedding_dim)
+    embedding.weight = nn.Parameter(to_dense(tensor, device, plan.dtype), requires_grad=False)
+    return embedding
+
+
+def _kind(tensor: Any) -> tuple[str, int]:
+    """How a stored block runs when kept quantized: ("int4", pieces) as stored, ("int8", 2) requantized
+    to 8 bits in groups, or ("dense", 0)."""
+    if not isinstance(tensor, GGUFTensor):
+        return ("dense", 0)
+    if tensor.is_affine and tensor.shape[1] % AFFINE_GROUP == 0:
+        return ("int4", -(-tensor.affine_bits // 4))
+    return ("int8", 2)
+
+
+def _blocks(parts: dict[int | None, Any], sizes: list[int]) -> tuple[list[Any], list[int]]:
+    """Stored row blocks in order with their sizes: the whole weight, or one tensor per block."""
+    if None in parts:
+        return [parts[None]], [sum(sizes)]
+    return [parts[i] for i in range(len(sizes))], sizes
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def materialize_linear(
+    module: Linear,
+    weights: dict[int | None, Any],
+    biases: dict[int | None, Any],
+    device: torch.device,
+    plan: WeightPlan,
+    quantize_bits: int | None,
+) -> nn.Module:
+    """The module for one (possibly fused) projection from its stored row blocks."""
+    sizes = list(module.output_sizes)
+    blocks, block_sizes = _blocks(weights, sizes)
+    bias_blocks = [to_dense(b, device, plan.dtype) for b in _blocks(biases, sizes)[0]] if biases else None
+    if quantize_bits is not None:
+        weight = _cat([stored_dense(b).float() for b in blocks])
+        bias = _cat(bias_blocks) if bias_blocks else None
+        return quantize_weight(weight, quantize_bits, device, bias=bias, output_sizes=sizes, policy=plan.kernels)
+    if not plan.keep_quantized or not any(isinstance(b, GGUFTensor) for b in blocks):
+        weight = _cat([to_dense(b, device, plan.dtype) for b in blocks])
+        return _dense_linear(weight, _cat(bias_blocks) if bias_blocks else None, sizes)
+
+    parts: list[nn.Module] = []
+    bias_rows = _cat(bias_blocks) if bias_blocks else None
+    start = 0
+    runs = [list(run) for _, run in groupby(range(len(blocks)), key=lambda i: _kind(blocks[i]))]
+    for run in runs:
+        rows = sum(block_sizes[i] for i in run)
+        bias = bias_rows[start : start + rows] if bias_rows is not None else None
+        part_sizes = sizes if len(runs) == 1 else [block_sizes[i] for i in run]
+        parts.append(_quantized_part(_kind(blocks[run[0]]), [blocks[i] for i in run], part_sizes, bias, device, plan))
+        start += rows
+    return parts[0] if len(parts) == 1 else ConcatLinear(parts, sizes)
+
+
+def _affine_dense(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """code * scale + offset per group of 32, in float32: the same operations as the dequantizers, so
+    the same values as `gguf.quants` (without decoding the blocks a second time)."""
+    rows, cols = codes.shape
+    grouped = codes.view(rows, cols // AFFINE_GROUP, AFFINE_GROUP).float()
+    return (grouped * scales[..., None] + offsets[..., None]).view(rows, cols)
+
+
+def _quantized_part(
+    kind: tuple[str, int],
+    blocks: list[Any],
+    sizes: list[int],
+    bias: torch.Tensor | None,
+    device: torch.device,
+    plan: WeightPlan,
+) -> nn.Module:
+    dense_dtype = plan.kernels.dense_dtype
+    options: dict[str, Any] = {"output_sizes": sizes, "bias": bias, "policy": plan.kernels}
+    if kind[0] == "dense":
+        return _dense_linear(_cat([to_dense(b, device, plan.dtype) for b in blocks]), bias, sizes)
+    if kind[0] == "int8":  # requantized: 8-bit codes in groups of 32
+        dequantized = _cat([b.dequantize() for b in blocks])
+        if dense_dtype is not None:
+            options["dense"] = dequantized.to(device=device, dtype=dense_dtype)
+        codes, scales, offsets = affine_groups(dequantized, 8, AFFINE_GROUP)
+        return Int4Linear.from_affine(codes, scales, offsets, 8, AFFINE_GROUP, device, **options)
+    affine = [b.affine() for b in blocks]
+    if dense_dtype is not None:
+        options["dense"] = _cat([_affine_dense(*a[:3]).to(device=device, dtype=dense_dtype) for a in affine])
+    codes, scales, offsets = (_cat([a[i] for a in affine]) for i in range(3))
+    bits = max(a[3] for a in affine)
+    return Int4Linear.from_affine(codes, scales, offsets, bits, AFFINE_GROUP, device, **options)
