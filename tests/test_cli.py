@@ -122,11 +122,11 @@ def test_generate_reads_the_prompt_from_stdin_and_from_a_file(smollm2_gguf, hf_s
     _, tok = hf_smollm2
     expected = PROMPT + hf_greedy_text(hf_smollm2, tok(PROMPT).input_ids) + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT + "\n"))  # the newline `echo` adds is dropped
-    assert main(["generate", "-", "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)]) == 0
+    assert main(["generate", "-", "--model", str(smollm2_gguf), "--dtype", "float32", "-n", str(NEW_TOKENS)]) == 0
     assert capsys.readouterr().out == expected
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(PROMPT + "\n", encoding="utf-8")
-    assert main(["generate", "--file", str(prompt_file), "--model", str(smollm2_gguf), "-n", str(NEW_TOKENS)]) == 0
+    assert main(["generate", "--file", str(prompt_file), "--model", str(smollm2_gguf), "--dtype", "float32", "-n", str(NEW_TOKENS)]) == 0
     assert capsys.readouterr().out == expected
 
 

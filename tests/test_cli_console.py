@@ -219,7 +219,7 @@ def _hf_greedy(hf_smollm2, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
 
 def test_generate_with_a_cold_cache_prints_only_the_text(smollm2_wheel_env, hf_smollm2, tmp_path):
     env = {**smollm2_wheel_env, "TOKENLOOM_HOME": str(tmp_path / "cold")}
-    result = run_cli("generate", PROMPT, "-n", str(NEW_TOKENS), env=env)
+    result = run_cli("generate", PROMPT, "-n", str(NEW_TOKENS), "--dtype", "float32", env=env)  # exact mode
     assert result.returncode == 0, result.stderr
     _, tok = hf_smollm2
     expected = tok.decode(_hf_greedy(hf_smollm2, tok(PROMPT).input_ids), skip_special_tokens=True)
@@ -231,7 +231,7 @@ def test_generate_with_a_cold_cache_prints_only_the_text(smollm2_wheel_env, hf_s
 
 def test_generate_json_with_logprobs_matches_transformers(smollm2_gguf, hf_smollm2):
     result = run_cli("generate", "-", "-m", str(smollm2_gguf), "-n", str(NEW_TOKENS), "--json", "--logprobs", "3",
-                     "-q", stdin=PROMPT + "\n")
+                     "-q", "--dtype", "float32", stdin=PROMPT + "\n")
     assert result.returncode == 0 and result.stderr == ""  # -q: not even the "loaded" line
     out = json.loads(result.stdout)
     model, tok = hf_smollm2

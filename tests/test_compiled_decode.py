@@ -35,10 +35,13 @@ def _tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     values.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**values)).eval()
-    with torch.no_grad():  # norms away from 1, so that they matter
-        for name, param in model.named_parameters():
+    with torch.no_grad():  # the layers are never initialised (loading fills them): random weights here,
+        for name, param in model.named_parameters():  # nn.Linear's scale, and norms away from 1
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            else:
+                bound = param.shape[-1] ** -0.5
+                param.uniform_(-bound, bound)
     return model
 
 

@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def a
 def server(one_torch_thread):
     from tokenloom import LLM
 
-    llm = LLM("smollm2-135m-instruct")
+    llm = LLM("smollm2-135m-instruct", dtype="float32")  # exact mode: a row's tokens do not depend on its batch
     running = start_server(llm)
     yield running
     running.stop()

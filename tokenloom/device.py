@@ -108,7 +108,7 @@ def resolve_weights(
     the weights again for every 4 rows, is the slowest path, and the copy makes prefill exactly the
     exact mode's. The copy costs 4 bytes per weight and the time to build it:
     `kernels=KernelPolicy(dense_dtype=None)` keeps only the quantized weights,
-    `KernelPolicy(dense_dtype=torch.bfloat16)` half of it (docs/weights.md has the measurements).
+    `KernelPolicy(dense_dtype=torch.bfloat16)` half of it (tests/test_quantized_smollm2.py measures the accuracy of each).
     The output projection is always dense. On CUDA: bfloat16, no copy (not measured: no GPU was at
     hand). `quantize_bits` quantizes dense linear weights instead, with no copy (memory is what it
     is asked for).
