@@ -194,3 +194,16 @@ def test_not_a_hub_id_shape(offline: Path) -> None:
         resolve_model("plain-name-not-pullable")
     with pytest.raises(ModelNotFoundError):
         resolve_model("")
+
+
+def test_pull_names_in_any_case_and_near_misses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pulled = tmp_path / "x.gguf"
+    pulled.write_bytes(GGUF_BYTES)
+    calls = []
+    monkeypatch.setattr(resolve_mod, "pull", lambda name, **kw: calls.append(name) or pulled)
+    assert resolve_model("SmolLM2-135M-Instruct", progress=False).path == pulled
+    assert resolve_model(" GEMMA3-270M", progress=False).path == pulled
+    assert calls == ["smollm2-135m-instruct", "gemma3-270m"]  # the canonical names are pulled
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("smolm2-135m-instruct")
+    assert "did you mean 'smollm2-135m-instruct'?" in info.value.hint and not calls[2:]

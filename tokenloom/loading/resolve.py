@@ -4,7 +4,8 @@ Rules, in order:
   1. an existing file: a GGUF file (detected by its magic bytes, never by its name);
   2. an existing directory: `gguf_file` inside it when given; else an HF checkpoint when it holds
      config.json; else its only .gguf file;
-  3. a `tokenloom pull` name: the pulled file (pulled now when allow_pull, else from the cache);
+  3. a `tokenloom pull` name, in any case: the pulled file (pulled now when allow_pull, else from the
+     cache);
   4. a string shaped `org/name`: a Hugging Face Hub id, downloaded, then rule 2 on the snapshot;
   5. anything else: ModelNotFoundError.
 Pull names and hub ids are only considered for `str` inputs; a Path always means a local path.
@@ -20,7 +21,8 @@ from tokenloom.errors import GGUFFormatError, ModelLoadError, ModelNotFoundError
 from tokenloom.loading.checkpoint import ModelSource
 from tokenloom.loading.gguf_reader import GGUF_MAGIC
 from tokenloom.loading.paths import contained_path
-from tokenloom.loading.pull import PULL_MODELS, cached_model_path, list_pullable, pull
+from tokenloom.loading.pull import cached_model_path, list_pullable, pull
+from tokenloom.loading.pull_registry import canonical_name, close_names
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
 
@@ -121,14 +123,17 @@ def resolve_model(
         return _gguf_source(path.absolute())
     if path.is_dir():
         return _from_directory(path.absolute(), gguf_file, str(path))
+    hint = _pull_hint()
     if isinstance(name_or_path, str):
-        if name_or_path in PULL_MODELS:
-            return _from_pull_name(name_or_path, gguf_file, allow_pull, progress)
+        pull_name = canonical_name(name_or_path, hub_ids=False)  # SmolLM2-135M-Instruct works too
+        if pull_name is not None:
+            return _from_pull_name(pull_name, gguf_file, allow_pull, progress)
         if _HUB_ID.match(name_or_path):
             from tokenloom.loading.hub import resolve_hub_id
 
             snapshot = resolve_hub_id(name_or_path, revision=revision, gguf_file=gguf_file)
             return _from_directory(snapshot, gguf_file, f"hub model {name_or_path!r} ({snapshot})")
-    raise ModelNotFoundError(
-        f"no model at {str(name_or_path)!r}: no such file or directory", hint=_pull_hint()
-    )
+        near = close_names(name_or_path) if "/" not in name_or_path else []
+        if near:
+            hint = f"did you mean {' or '.join(repr(n) for n in near)}? " + hint
+    raise ModelNotFoundError(f"no model at {str(name_or_path)!r}: no such file or directory", hint=hint)
