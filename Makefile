@@ -19,7 +19,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -31,16 +31,20 @@ run: install
 	$(VENV)/bin/tokenloom pull smollm2-135m-instruct
 	$(VENV)/bin/tokenloom generate "$(PROMPT)" --max-new-tokens 40
 
+# Test files are spread over one worker per core, at most 2 (each worker runs one torch thread and
+# holds its own real models: about 6 GB each); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= $(shell python3 -c 'import os; print(min(2, len(os.sched_getaffinity(0))))' 2>/dev/null || echo 1)
+
 # The whole suite: about 10 minutes on a quiet 2-core machine (the real-model tests dominate).
 test: install-test
 	$(VENV)/bin/ruff check tokenloom tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Without the tests marked slow (those that load the real SmolLM2 / Gemma 3 files and transformers):
 # under two minutes.
 test-fast: install-test
 	$(VENV)/bin/ruff check tokenloom tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-test
 	$(VENV)/bin/ruff check tokenloom tests

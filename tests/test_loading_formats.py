@@ -165,3 +165,15 @@ def test_import_tokenloom_loads_no_heavy_module() -> None:
     code = "import sys, tokenloom; print(sorted(m for m in ('torch', 'numpy', 'gguf') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_compile_with_quantized_weights_warns_and_runs_eagerly(tiny_ggufs) -> None:
+    from tokenloom.engine.engine import Engine
+    from tokenloom.models.linear import QuantizedLinear
+
+    model = load_model(tiny_ggufs["llama"], device_map="cpu").model  # the default mode: int4 kernels
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    with pytest.warns(RuntimeWarning, match="runs eagerly .*quantized"):
+        engine = Engine(model, EngineConfig(compile=True))
+    assert engine.runner.compiled is None
+    assert Engine(model, EngineConfig(compile=None)).runner.compiled is None  # and silently under None

@@ -49,6 +49,20 @@ def can_compile(device: torch.device) -> bool:
         return False
 
 
+def compile_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why the decode step is not compiled for this model here, or None when it can be."""
+    if not can_compile(device):
+        return "torch.compile needs a C++ compiler on the CPU" if device.type == "cpu" else f"no compiler for {device}"
+    if device.type == "cpu":
+        from tokenloom.models.linear import GGUFEmbedding, QuantizedLinear
+
+        if any(isinstance(m, (QuantizedLinear, GGUFEmbedding)) for m in model.modules()):
+            # measured: dynamo spent over 12 minutes in symbolic-shape simplification on SmolLM2's
+            # int4 step without finishing its first graph; eager is the path that runs
+            return "the CPU compile of quantized weights (int4 kernels, GGUF embeddings) is not supported"
+    return None
+
+
 class CompiledDecode:
     """Decode-only steps through compiled graphs, one per batch-size bucket.
 

@@ -4,6 +4,7 @@ tokens become tensors."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from tokenloom.attention.decode import DecodeMetadata
 from tokenloom.attention.paged import AttentionMetadata
 from tokenloom.cache.kv_cache import KVCache
-from tokenloom.engine.compiled_decode import CompiledDecode, can_compile
+from tokenloom.engine.compiled_decode import CompiledDecode, compile_blocker
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
@@ -81,8 +82,11 @@ class ModelRunner:
         # per-request processor state (seen ids, counts, n-gram tables) kept across steps
         self._sampling_state = SamplingState(device)
         self.compiled: CompiledDecode | None = None
-        if compile is not False and can_compile(device):
+        blocker = compile_blocker(model, device) if compile is not False else None
+        if compile is not False and blocker is None:
             self.compiled = CompiledDecode(model, kv_cache, device, max_num_seqs)
+        elif compile is True:
+            warnings.warn(f"compile=True: the decode step runs eagerly ({blocker})", RuntimeWarning, stacklevel=3)
         self._compile_after = 0 if compile else compile_after
         self.num_decode_steps = 0  # decode-only steps run so far
 

@@ -66,14 +66,14 @@ def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> 
         p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's directory or repo")
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
         p.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model's name)")
     p.add_argument("--max-concurrent-requests", type=_positive, default=128,
-                   help="requests computed at once (default 128)")
+                   help="requests computed at once")
     p.add_argument("--max-queue", type=_non_negative, default=256,
-                   help="requests waiting for a slot past that; the rest get 429 (default 256)")
+                   help="requests waiting for a slot past that; the rest get 429")
     p.add_argument("--max-input-tokens", type=_positive, default=None, help="longest prompt (default: the context)")
     p.add_argument("--max-total-tokens", type=_positive, default=None,
                    help="longest prompt + completion (default: the model's context length)")
@@ -83,8 +83,8 @@ def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> 
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="requests batched in one engine step")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file used instead of the model's own (base models ship none)")
-    p.add_argument("--max-body-bytes", type=parse_size, default=4 << 20, metavar="SIZE",
-                   help="largest request body (default 4MiB); larger ones get 413")
+    p.add_argument("--max-body-bytes", type=parse_size, default="4MiB", metavar="SIZE",
+                   help="largest request body; larger ones get 413")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
