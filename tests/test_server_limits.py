@@ -183,6 +183,10 @@ def test_clients_that_go_away_leave_nothing_behind(server, http):
     assert _metric(http, "tokenloom:kv_cache_usage_perc") == 0
     assert _metric(http, "tokenloom:kv_cache_free_blocks") == server.llm.engine.block_manager.num_blocks
     assert _metric(http, 'tokenloom:request_success_total{finished_reason="abort"}') >= 30
+    usage = server.llm.memory_usage()
+    assert _metric(http, "tokenloom:weights_bytes") == usage.weights > 0
+    assert _metric(http, "tokenloom:kv_cache_bytes") == usage.kv_cache > 0
+    assert _metric(http, "tokenloom:peak_memory_bytes") >= usage.weights  # the peak RSS holds the weights
     text = http.get("/metrics").text
     for name in ("tokenloom:time_to_first_token_seconds_bucket", "tokenloom:inter_token_latency_seconds_bucket",
                  "tokenloom:e2e_request_latency_seconds_bucket", "tokenloom:prompt_tokens_total",
