@@ -78,6 +78,12 @@ def test_generate_prints_prompt_and_greedy_continuation(smollm2_gguf, hf_smollm2
     assert out.out == PROMPT + expected + "\n"
     assert "Traceback" not in out.err
     assert "\r" not in out.err  # no progress bar when stderr is not a terminal
+    assert "(float32, " in out.err  # the load line names the exact mode
+
+
+def test_the_load_line_names_the_default_modes_kernels(smollm2_gguf, capsys):
+    assert main(["generate", PROMPT, "--model", str(smollm2_gguf), "-n", "2"]) == 0
+    assert "(int4 kernels, float32 activations, " in capsys.readouterr().err
 
 
 def test_generate_stop_flag_cuts_the_output_before_the_stop_text(smollm2_gguf, hf_smollm2, capsys):

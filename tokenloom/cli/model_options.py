@@ -213,7 +213,11 @@ def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
             raise
         raise UsageError(name_flags(str(exc)), hint=f"run `tokenloom {args.command} --help` for the choices") from None
     loaded = llm.loaded
+    from tokenloom.models.linear import QuantizedLinear
+
     dtype = str(loaded.dtype).replace("torch.", "")
+    if any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()):
+        dtype = f"int4 kernels, {dtype} activations"  # the default mode on a quantized GGUF; --dtype float32: exact
     note(f"loaded {loaded.checkpoint.source.path.name} in {time.perf_counter() - start:.2f}s on {loaded.device} "
          f"({dtype}, {threads} thread{'s' if threads != 1 else ''})", args)
     return llm
