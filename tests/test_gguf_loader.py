@@ -327,3 +327,29 @@ def test_unknown_tensor_type(tiny_models: dict[str, Path], tmp_path: Path) -> No
 
 def test_errors_are_model_load_errors() -> None:
     assert issubclass(GGUFFormatError, ModelLoadError) and issubclass(UnsupportedModelError, ModelLoadError)
+
+
+def _string_array_gguf(path, items: list[bytes], cut: int = 0):
+    """A GGUF file with no tensors and one metadata key: an array of strings (raw bytes each)."""
+    import struct
+
+    key = b"tokenizer.ggml.tokens"
+    body = b"".join(struct.pack("<Q", len(item)) + item for item in items)
+    data = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+            + struct.pack("<IIQ", 9, 8, len(items)) + body)  # fmt: skip
+    path.write_bytes(data[: len(data) - cut] if cut else data)
+    return path
+
+
+def test_string_arrays_parse_and_fail_naming_the_element(tmp_path):
+    from tokenloom.errors import GGUFFormatError
+    from tokenloom.loading.gguf_reader import read_gguf
+
+    items = ["a", "\u00e9t\u00e9", "", "\u4e2d"]
+    parsed = read_gguf(_string_array_gguf(tmp_path / "ok.gguf", [s.encode() for s in items]))
+    assert parsed.metadata["tokenizer.ggml.tokens"] == items
+    with pytest.raises(GGUFFormatError, match=r"truncated GGUF file: reading element 3 of metadata array"):
+        read_gguf(_string_array_gguf(tmp_path / "cut.gguf", [s.encode() for s in items], cut=2))
+    with pytest.raises(GGUFFormatError, match=r"element 1 of metadata array 'tokenizer.ggml.tokens' at byte \d+ is not "
+                                              r"valid UTF-8"):
+        read_gguf(_string_array_gguf(tmp_path / "latin1.gguf", [b"a", "\u00e9t\u00e9".encode("latin-1")]))

@@ -4,7 +4,6 @@ TokenizerError (L3, no torch)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,20 @@ def _check_metadata(md: dict[str, Any]) -> None:
         shown = f"a list starting {value[:3]!r}" if isinstance(value, list) else repr(value)[:80]
         return TokenizerError(f"{key} must be {expected}, got {shown} ({type(value).__name__})")
 
-    def list_of(key: str, check: Callable[[Any], bool], expected: str) -> None:
+    def list_of(key: str, types: frozenset[type], expected: str) -> None:
+        # exact types (a bool is not an integer here), collected at C speed: vocabularies have 10^5 items
         if key in md:
             value = md[key]
-            if not isinstance(value, list) or not all(check(item) for item in value):
+            if not isinstance(value, list) or not set(map(type, value)) <= types:
                 raise bad(key, expected)
 
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
         if key in md and not isinstance(md[key], str):
             raise bad(key, "a string")
-    list_of("tokenizer.ggml.tokens", lambda t: isinstance(t, str), "a list of strings")
-    list_of("tokenizer.ggml.merges", lambda t: isinstance(t, str), "a list of strings")
-    list_of("tokenizer.ggml.token_type", _is_int, "a list of integers")
-    list_of("tokenizer.ggml.scores", lambda t: _is_int(t) or isinstance(t, float), "a list of numbers")
+    list_of("tokenizer.ggml.tokens", frozenset({str}), "a list of strings")
+    list_of("tokenizer.ggml.merges", frozenset({str}), "a list of strings")
+    list_of("tokenizer.ggml.token_type", frozenset({int}), "a list of integers")
+    list_of("tokenizer.ggml.scores", frozenset({int, float}), "a list of numbers")
     for name in ("bos", "eos", "unknown", "padding", "sep", "cls", "mask"):
         key = f"tokenizer.ggml.{name}_token_id"
         if key in md and not _is_int(md[key]):
