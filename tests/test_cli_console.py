@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -260,3 +261,21 @@ def test_chat_with_gemma3_base_refuses_at_start_up():
     """The issue's case: Gemma 3 270M is a base model whose GGUF carries no chat template."""
     result = run_cli("chat", "-m", "gemma3-270m")
     assert_one_line_error(result, "cannot chat with gemma3-270m", "--chat-template FILE", 1)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "123456789 bytes"), MemoryError()])
+def test_out_of_memory_is_one_line_and_a_hint(monkeypatch, capsys, error):
+    import tokenloom.cli as cli
+
+    parser = cli.build_parser()
+
+    def explode(args):
+        raise error
+
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: SimpleNamespace(command="generate", func=explode))
+    monkeypatch.delenv("TOKENLOOM_DEBUG", raising=False)
+    assert cli.main(["generate", "x"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "tokenloom: error: out of memory" and err[1].startswith("hint: use a smaller model")

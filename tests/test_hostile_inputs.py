@@ -84,6 +84,7 @@ def test_bad_input_ids_are_refused_naming_the_argument(tiny, input_ids, error, f
         (torch.tensor([[1, 1, 0.5, 1]]), "attention_mask must hold only 0 and 1, got 0.5"),
         (torch.tensor([[1, 1, 1]]), "attention_mask shape (1, 3) does not match input_ids shape (1, 4)"),
         ("1111", "attention_mask must be a tensor"),
+        (np.array([["1", "1", "1", "1"]]), "attention_mask must hold 0/1 values, got a numpy array of <U1"),
     ],
 )
 def test_bad_attention_masks_are_refused(tiny, mask, fragment):
@@ -99,6 +100,8 @@ def test_boolean_and_float_masks_mean_what_they_say(tiny):
     ints = _greedy(model, ids, attention_mask=torch.tensor([[0, 0, 1, 1]]))
     assert torch.equal(_greedy(model, ids, attention_mask=torch.tensor([[False, False, True, True]])), ints)
     assert torch.equal(_greedy(model, ids, attention_mask=torch.tensor([[0.0, 0.0, 1.0, 1.0]])), ints)
+    reversed_view = np.array([[1, 1, 0, 0]])[:, ::-1]  # negative strides: copied, not refused by torch
+    assert torch.equal(_greedy(model, ids, attention_mask=reversed_view), ints)
 
 
 # ---------------------------------------------------------------- decode
@@ -250,8 +253,9 @@ def test_text_left_unread_past_the_timeout_stops_the_generation(tiny):
                 time.sleep(0.05)
 
     streamer = SlowSteps(tokenizer, skip_prompt=True, timeout=0.2)
-    out = model.generate(torch.tensor(PROMPT), max_new_tokens=LONG, min_new_tokens=LONG, do_sample=False,
-                         streamer=streamer)  # nobody reads: this thread is the only one
+    with pytest.warns(RuntimeWarning, match=r"waited unread for more than timeout=0.2 s"):  # never silent
+        out = model.generate(torch.tensor(PROMPT), max_new_tokens=LONG, min_new_tokens=LONG, do_sample=False,
+                             streamer=streamer)  # nobody reads: this thread is the only one
     assert streamer.stop_requested
     assert out.shape[1] - len(PROMPT[0]) < LONG // 2
     _engine_is_idle(model)

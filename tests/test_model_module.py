@@ -203,3 +203,30 @@ def test_smollm2_labels_loss_equals_transformers(smollm2_gguf, hf_smollm2):
     row = tok(texts[:1], return_tensors="pt")["input_ids"]
     assert abs(ours(row, labels=row).loss.item() - _reference(hf_model, row, labels=row).loss.item()) <= TOLERANCE
     assert ours.num_parameters() == hf_model.num_parameters()
+
+
+def test_load_state_dict_takes_transformers_names(pair):
+    ours, reference = pair
+    before = ours(IDS).logits
+    theirs = reference.state_dict()
+    assert ours.load_state_dict(theirs) is not None  # q/k/v and gate/up joined back into the fused rows
+    assert ours.load_state_dict(ours.state_dict()) is not None  # and its own round trip
+    for name, tensor in theirs.items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    assert torch.equal(ours(IDS).logits, before)
+    # a fused block's part missing (llama, qwen3, gemma3), else any layer tensor (phi3, gpt2: fused upstream)
+    victim = next((k for k in sorted(theirs) if k.endswith("k_proj.weight")), None) or \
+        next(k for k in sorted(theirs) if ".0." in k)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ours.load_state_dict({k: v for k, v in theirs.items() if k != victim})
+    positional = {}
+    assert ours.state_dict(positional, "x.") is positional and sorted(positional) == sorted(f"x.{k}" for k in theirs)
+
+
+def test_input_embeddings_have_a_weight_in_the_default_mode(tmp_path):
+    path = write_tiny_gguf_with_tokenizer(tmp_path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")  # GGUF blocks kept as they are
+    exact = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype="float32")
+    weight = model.get_input_embeddings().weight
+    assert weight.shape == (model.config.vocab_size, model.config.hidden_size)
+    assert torch.equal(weight, exact.get_input_embeddings().weight)

@@ -78,12 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as exc:
         if os.environ.get("TOKENLOOM_DEBUG"):
             raise
-        print_error(f"{type(exc).__name__}: {exc}", "set TOKENLOOM_DEBUG=1 to see the full traceback")
+        if _is_out_of_memory(exc):  # torch's allocators raise RuntimeError (CUDA: OutOfMemoryError)
+            print_error("out of memory", "use a smaller model or a smaller --max-new-tokens; TOKENLOOM_DEBUG=1 "
+                        "shows where")
+        else:
+            print_error(f"{type(exc).__name__}: {exc}", "set TOKENLOOM_DEBUG=1 to see the full traceback")
     except MemoryError:
         if os.environ.get("TOKENLOOM_DEBUG"):
             raise
         print_error("out of memory", "use a smaller model or a smaller --max-new-tokens; TOKENLOOM_DEBUG=1 shows where")
     return 1
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
 
 
 def _silence_stdout() -> None:

@@ -52,3 +52,24 @@ def hf_named_tensors(
             if isinstance(tensor, nn.Parameter):
                 block = nn.Parameter(block, requires_grad=tensor.requires_grad)  # a view: same storage
             yield f"{head}{names[index]}.{kind}", block
+
+
+def fused_state_dict(root: nn.Module, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_named_tensors` for loading: checkpoint-named row blocks of a dense fused
+    projection joined back under the fused name (the blocks must all be there; otherwise the names
+    are left as they are, for load_state_dict to report)."""
+    unpacked = unpacked_names(model)
+    if not unpacked:
+        return state
+    out = dict(state)
+    for owner, module in root.named_modules():
+        parent, _, leaf = owner.rpartition(".")
+        names = _split(module, leaf, unpacked)
+        if names is None:
+            continue
+        head = f"{parent}." if parent else ""
+        for kind in ("weight", "bias"):
+            parts = [f"{head}{names[i]}.{kind}" for i in range(len(names))]
+            if all(part in out for part in parts):
+                out[f"{owner}.{kind}"] = torch.cat([out.pop(part) for part in parts], dim=0)
+    return out

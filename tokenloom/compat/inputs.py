@@ -77,7 +77,11 @@ def as_attention_mask(value: Any, input_ids: torch.Tensor, name: str = "attentio
     if isinstance(value, (list, tuple)):
         value = torch.tensor(value) if value else torch.empty(0)
     elif type(value).__module__ == "numpy" and hasattr(value, "dtype"):
-        value = torch.from_numpy(value)
+        import numpy as np
+
+        if not (np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.bool_)):
+            raise TypeError(f"{name} must hold 0/1 values, got a numpy array of {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
     elif not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor (or list) of 0/1 values, got {type(value).__name__}")
     if value.is_complex():

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from tokenloom.compat.forward import CausalLMOutput, causal_lm_forward, check_forward_args
-from tokenloom.compat.hf_names import hf_named_tensors
+from tokenloom.compat.hf_names import fused_state_dict, hf_named_tensors
 from tokenloom.engine.engine import Engine
 from tokenloom.loading import LoadedModel
 from tokenloom.models.base import CausalLM
@@ -86,11 +86,21 @@ class EngineModule(nn.Module):
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """transformers' names and tensors (fused projections shown as their checkpoint tensors)."""
-        own = super().state_dict(*args, prefix="", keep_vars=keep_vars)
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            destination = args[0]
+            prefix = args[1] if len(args) > 1 else prefix
+            keep_vars = args[2] if len(args) > 2 else keep_vars
+        own = super().state_dict(prefix="", keep_vars=keep_vars)
         out = OrderedDict() if destination is None else destination
         for name, tensor in hf_named_tensors(self, self.causal_lm, iter(own.items())):
             out[prefix + name] = tensor if keep_vars else tensor.detach()
         return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Takes transformers' names (what state_dict() gives): q/k/v and gate/up row blocks are joined
+        into the fused projections, then loaded as torch's Module.load_state_dict does."""
+        fused = fused_state_dict(self, self.causal_lm, dict(state_dict))
+        return super().load_state_dict(fused, strict=strict, assign=assign)
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted as transformers counts them (a tied weight once)."""

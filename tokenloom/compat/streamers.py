@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from queue import Empty, Queue
 from typing import Any
@@ -132,6 +133,11 @@ class TextStreamer:
                 since = self._unread_since
             if since is not None and time.monotonic() - since > self.timeout:
                 self._stopped.set()
+                warnings.warn(  # not silent: a consumer that only reads after generate() returns lands here
+                    f"generation stopped: streamed text waited unread for more than timeout={self.timeout} s "
+                    "(read the streamer from another thread while generate() runs, or pass timeout=None)",
+                    RuntimeWarning, stacklevel=2,
+                )
         return self._stopped.is_set()
 
     def _handed_over(self) -> None:

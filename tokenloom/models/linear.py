@@ -322,6 +322,11 @@ class GGUFEmbedding(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.rows, self.ggml_type, self.embedding_dim)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table dequantized, in the output dtype (a copy, as nn.Embedding's `weight` reads)."""
+        return self.dequantized_weight().to(self.output_dtype.dtype)
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type}"
 
