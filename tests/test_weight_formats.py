@@ -78,7 +78,7 @@ def test_repacked_blocks_dequantize_through_the_kernel(qtype: Q) -> None:
     # the dense copy kept for wide calls holds exactly gguf.quants' values
     stored = GGUFTensor(rows, int(qtype), (48, 512))
     with_copy = materialize_linear(_meta_linear(512, 48), {None: stored}, {}, CPU, _keep_quantized(torch.float32), None)
-    assert torch.equal(with_copy.dense, reference)
+    assert with_copy.dense is None and torch.equal(with_copy.dense_copy(), reference)  # built on first use
 
 
 def _check_real_values(rows: torch.Tensor, qtype: Q, row_length: int) -> None:
@@ -158,7 +158,7 @@ def test_rows_decide_between_kernel_and_dense_copy() -> None:
     stored = GGUFTensor(rows, int(Q.Q4_1), (64, 256))
     with_copy = materialize_linear(_meta_linear(256, 64), {None: stored}, {}, CPU, _keep_quantized(torch.float32), None)
     kernel_only = materialize_linear(_meta_linear(256, 64), {None: stored}, {}, CPU, _keep_quantized(None), None)
-    assert with_copy.max_kernel_rows == 16 and torch.equal(with_copy.dense, _reference(rows, Q.Q4_1))
+    assert with_copy.max_kernel_rows == 16 and torch.equal(with_copy.dense_copy(), _reference(rows, Q.Q4_1))
     x = torch.randn(17, 256)
     assert torch.equal(with_copy(x[:16]), kernel_only(x[:16]))  # few rows: the int4 kernel
     assert torch.equal(with_copy(x), F.linear(x, with_copy.dense))  # more: the exact dense copy

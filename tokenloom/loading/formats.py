@@ -117,7 +117,7 @@ def materialize_linear(
 
 def _affine_dense(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """code * scale + offset per group of 32, in float32: the same operations as the dequantizers, so
-    the same values as `gguf.quants` (without decoding the blocks a second time)."""
+    the same values as `gguf.quants`."""
     rows, cols = codes.shape
     grouped = codes.view(rows, cols // AFFINE_GROUP, AFFINE_GROUP).float()
     return (grouped * scales[..., None] + offsets[..., None]).view(rows, cols)
@@ -137,13 +137,13 @@ def _quantized_part(
         return _dense_linear(_cat([to_dense(b, device, plan.dtype) for b in blocks]), bias, sizes)
     if kind[0] == "int8":  # requantized: 8-bit codes in groups of 32
         dequantized = _cat([b.dequantize() for b in blocks])
-        if dense_dtype is not None:
-            options["dense"] = dequantized.to(device=device, dtype=dense_dtype)
+        if dense_dtype is not None:  # built on the first wide call, from the mapped blocks
+            options["dense"] = lambda: _cat([b.dequantize() for b in blocks])
         codes, scales, offsets = affine_groups(dequantized, 8, AFFINE_GROUP)
         return Int4Linear.from_affine(codes, scales, offsets, 8, AFFINE_GROUP, device, **options)
     affine = [b.affine() for b in blocks]
-    if dense_dtype is not None:
-        options["dense"] = _cat([_affine_dense(*a[:3]).to(device=device, dtype=dense_dtype) for a in affine])
+    if dense_dtype is not None:  # built on the first wide call, from the mapped blocks
+        options["dense"] = lambda: _cat([_affine_dense(*b.affine()[:3]) for b in blocks])
     codes, scales, offsets = (_cat([a[i] for a in affine]) for i in range(3))
     bits = max(a[3] for a in affine)
     return Int4Linear.from_affine(codes, scales, offsets, bits, AFFINE_GROUP, device, **options)

@@ -20,7 +20,8 @@ copies are buffers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,8 @@ __all__ = [
     "Linear",
     "QuantizedLinear",
 ]
+
+_DENSE_LOCK = threading.Lock()  # dense copies built on first use: one builder at a time
 
 
 class Linear(nn.Module):
@@ -77,14 +80,20 @@ class QuantizedLinear(nn.Module):
         output_sizes: Sequence[int] | None,
         bias: torch.Tensor | None,
         policy: KernelPolicy,
-        dense: torch.Tensor | None,
+        dense: torch.Tensor | Callable[[], torch.Tensor] | None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.output_sizes = list(output_sizes or [out_features])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.max_kernel_rows = policy.max_kernel_rows
-        self.register_buffer("dense", dense)  # [out_features, in_features] or None
+        # The dense copy for wide calls, [out_features, in_features]: a tensor, or a function that builds
+        # it on the first wide call (from the still-mapped file), so loading does not pay for it and a
+        # process that never prefills more than max_kernel_rows tokens never holds it.
+        self.keeps_dense = dense is not None
+        self._dense_source = dense if callable(dense) else None
+        self._dense_dtype = policy.dense_dtype
+        self.register_buffer("dense", None if callable(dense) else dense, persistent=False)
 
     # buffers whose dtype the kernel fixes: Module.half() / .to(dtype) move them, never cast them
     kernel_buffers: tuple[str, ...] = ()
@@ -102,14 +111,26 @@ class QuantizedLinear(nn.Module):
         """x [rows, in_features] -> [rows, out_features] through the quantized kernel."""
         raise NotImplementedError
 
+    def dense_copy(self) -> torch.Tensor | None:
+        """The dense copy for wide calls (built now if it was left for its first use), or None."""
+        if self.dense is None and self._dense_source is not None:
+            with _DENSE_LOCK:
+                if self.dense is None and self._dense_source is not None:
+                    device = next(iter(self.buffers())).device  # where the kernel's buffers are now
+                    dtype = self._dense_dtype or torch.float32
+                    self.dense = self._dense_source().to(device=device, dtype=dtype)
+                    self._dense_source = None
+        return self.dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        if self.dense is not None and rows.shape[0] > self.max_kernel_rows:
-            if self.dense.dtype == x.dtype:
-                y = F.linear(rows, self.dense, self.bias)
+        if self.keeps_dense and rows.shape[0] > self.max_kernel_rows:
+            dense = self.dense_copy()
+            if dense.dtype == x.dtype:
+                y = F.linear(rows, dense, self.bias)
                 return y.view(*shape[:-1], self.out_features)
-            y = F.linear(rows.to(self.dense.dtype), self.dense).to(x.dtype)
+            y = F.linear(rows.to(dense.dtype), dense).to(x.dtype)
         else:
             y = self.kernel(rows).to(x.dtype)
         if self.bias is not None:
@@ -121,7 +142,7 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        dense = "none" if self.dense is None else str(self.dense.dtype).replace("torch.", "")
+        dense = "none" if not self.keeps_dense else str(self._dense_dtype or torch.float32).replace("torch.", "")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"max_kernel_rows={self.max_kernel_rows}, dense_copy={dense}"
@@ -147,7 +168,7 @@ class Int4Linear(QuantizedLinear):
         output_sizes: Sequence[int] | None = None,
         bias: torch.Tensor | None = None,
         policy: KernelPolicy = KernelPolicy(),
-        dense: torch.Tensor | None = None,
+        dense: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(in_features, layout.out_features, output_sizes, bias, policy, dense)
         self.register_buffer("packed", packed)
@@ -243,7 +264,7 @@ class Int8Linear(QuantizedLinear):
         output_sizes: Sequence[int] | None = None,
         bias: torch.Tensor | None = None,
         policy: KernelPolicy = KernelPolicy(),
-        dense: torch.Tensor | None = None,
+        dense: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(in_features, codes.shape[0], output_sizes, bias, policy, dense)
         self.register_buffer("codes", codes)  # int8 [N, K'] (K' = K padded for the kernel)
