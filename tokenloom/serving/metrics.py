@@ -27,7 +27,7 @@ class Metrics:
         self.kv_usage = Gauge("tokenloom:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", registry=r)
         self.kv_free = Gauge("tokenloom:kv_cache_free_blocks", "KV-cache blocks in the free pool", registry=r)
         self.healthy = Gauge("tokenloom:engine_healthy", "1 while the engine loop runs and steps succeed", registry=r)
-        self.weights_bytes = Gauge("tokenloom:weights_bytes", "Bytes held by the model's weights", registry=r)
+        self.weights_bytes = Gauge("tokenloom:weights_bytes", "Bytes held by the model's weights (with the dense copies built so far)", registry=r)
         self.kv_cache_bytes = Gauge("tokenloom:kv_cache_bytes", "Bytes held by the KV-cache pool", registry=r)
         self.peak_memory = Gauge("tokenloom:peak_memory_bytes",
                                  "Peak memory so far: the process's peak RSS on the CPU, peak allocated on a GPU",
@@ -58,12 +58,12 @@ class Metrics:
         self.kv_usage.set_function(lambda: engine.stats.kv_cache_usage)
         self.kv_free.set_function(lambda: engine.stats.num_free_kv_blocks)
         self.healthy.set_function(lambda: 1.0 if engine.is_healthy else 0.0)
-        from tokenloom.engine.memory import peak_bytes
+        from tokenloom.engine.memory import module_bytes, peak_bytes
 
-        usage = engine.engine.memory_usage()  # weights and pool are fixed once the engine exists
-        self.weights_bytes.set(usage.weights)
-        self.kv_cache_bytes.set(usage.kv_cache)
-        device = engine.engine.device
+        model, device = engine.engine.model, engine.engine.device
+        self.kv_cache_bytes.set(engine.engine.kv_cache.nbytes)  # fixed once the engine exists
+        # read at scrape time: the default mode builds its dense copies for wide calls on first use
+        self.weights_bytes.set_function(lambda: module_bytes(model))
         self.peak_memory.set_function(lambda: peak_bytes(device))
 
     def observe(self, trace: Trace, now: float, status: int) -> None:
