@@ -12,7 +12,7 @@ import difflib
 import re
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from tokenloom.errors import TokenloomError
@@ -204,3 +204,18 @@ def add_command(
     if root is not None:
         root.commands[name] = parser
     return parser
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `minimum`, else an ArgumentTypeError saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse

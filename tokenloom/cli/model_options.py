@@ -16,6 +16,7 @@ from tokenloom.cli.common import (
     UsageError,
     flag_message,
     human_size,
+    int_at_least,
     name_flags,
     note,
     show_progress,
@@ -61,14 +62,7 @@ def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template file to use instead of the model's own (base models ship none)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+_positive_int = int_at_least(1)
 
 
 # ---------------------------------------------------------------- checks before the slow load

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tokenloom.cli.common import int_at_least
 from tokenloom.config import DEFAULT_MODEL
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -37,24 +38,8 @@ def parse_kv_memory(text: str) -> int | float:
     return parse_size(text)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> None:

@@ -112,6 +112,22 @@ def _stream_error(exc: ApiError) -> bytes:
     return sse(body) + b"data: [DONE]\n\n"
 
 
+async def _gather(
+    outputs: AsyncIterator[tuple[int, RequestOutput]], texts: list[str]
+) -> tuple[list[str], list[str | None], list[list[Any]]]:
+    """A non-streamed reply's choices, each started with its text in `texts`: the text, the finish
+    reason (OpenAI's names) and the logprobs, from the (choice index, output) pairs."""
+    reasons: list[str | None] = [None] * len(texts)
+    lps: list[list[Any]] = [[] for _ in texts]
+    async for index, out in outputs:
+        texts[index] += out.text_delta
+        if out.logprobs:
+            lps[index].extend(out.logprobs)
+        if out.finished:
+            reasons[index] = _FINISH.get(out.finish_reason or "", out.finish_reason)
+    return texts, reasons, lps
+
+
 def _usage(trace: Trace) -> dict[str, int]:
     return {"prompt_tokens": trace.num_prompt_tokens, "completion_tokens": trace.num_output_tokens,
             "total_tokens": trace.num_prompt_tokens + trace.num_output_tokens}
@@ -173,13 +189,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[str, Any]:
-        texts, reasons, lps = [prefix] * req.n, [None] * req.n, [[] for _ in range(req.n)]
-        async for index, out in outputs:
-            texts[index] += out.text_delta
-            if out.logprobs:
-                lps[index].extend(out.logprobs)
-            if out.finished:
-                reasons[index] = _FINISH.get(out.finish_reason or "", out.finish_reason)
+        texts, reasons, lps = await _gather(outputs, [prefix] * req.n)
         choices = [{
             "index": j, "message": {"role": "assistant", "content": texts[j]},
             "logprobs": {"content": _chat_logprobs(ctx, lps[j])} if req.logprobs else None,
@@ -257,13 +267,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[str, Any]:
-        texts, reasons, lps = list(prefixes), [None] * count, [[] for _ in range(count)]
-        async for index, out in outputs:
-            texts[index] += out.text_delta
-            if out.logprobs:
-                lps[index].extend(out.logprobs)
-            if out.finished:
-                reasons[index] = _FINISH.get(out.finish_reason or "", out.finish_reason)
+        texts, reasons, lps = await _gather(outputs, list(prefixes))
         choices = [{
             "index": k, "text": texts[k], "finish_reason": reasons[k],
             "logprobs": _completion_logprobs(ctx, lps[k], len(prefixes[k])) if req.logprobs is not None else None,
