@@ -118,11 +118,15 @@ def _cpu_block_rows() -> int:
     return 0
 
 
+# the direct binding where torch exposes one: a few microseconds less per call than torch.ops
+_INT4_MM_CPU = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """x bf16 [M, K'] (contiguous, K' the padded in_features) -> bf16 [M, N'] (N' the padded out_features)."""
     if x.is_cuda:
         return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_and_zeros)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zeros)
+    return _INT4_MM_CPU(x, packed, group_size, scale_and_zeros)
 
 
 def unpack_codes(packed: torch.Tensor, layout: Int4Layout, device: torch.device) -> torch.Tensor:

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenloom.attention.decode import DecodeMetadata
 from tokenloom.attention.paged import AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.models.base import CausalLM, ModelConfig
+from tokenloom.models.fused_decode import FusedDecode
 from tokenloom.models.linear import Embedding, Linear
 
 # cos, sin: [num_tokens, 1, rotary_dim]; sin's first half negated (see apply_rotary)
@@ -329,6 +331,10 @@ class RotaryDecoderLM(CausalLM):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, attn_meta: AttentionMetadata
     ) -> torch.Tensor:
+        if isinstance(attn_meta, DecodeMetadata) and not input_ids.is_cuda and not torch.compiler.is_compiling():
+            fused = self.fused_decode()
+            if fused is not None:
+                return fused.run(attn_meta, kv_cache)
         hidden = self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.model.rotary_emb(positions, hidden.dtype, attn_meta)
         for layer in self.model.layers:
@@ -337,3 +343,16 @@ class RotaryDecoderLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    _fused: FusedDecode | None | bool = False  # False: not planned yet
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The fused CPU decode step for this model (planned on first use), or None where it does
+        not apply: decode-only steps then run the layers' torch ops."""
+        if self._fused is False:
+            self._fused = FusedDecode.plan(self)
+        return self._fused  # type: ignore[return-value]
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self._fused = False  # moved or cast: plan again
+        return super()._apply(fn, recurse)
