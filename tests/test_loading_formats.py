@@ -20,6 +20,7 @@ from tokenloom.engine.engine import Engine
 from tokenloom.loading import gguf_cache, load_model
 from tokenloom.loading.export import hf_state_dict
 from tokenloom.loading.safetensors_mmap import SafetensorsMap
+from tokenloom.models.head import ShortlistHead
 from tokenloom.models.linear import ConcatLinear, GGUFEmbedding, Int4Linear, Linear
 
 transformers = pytest.importorskip("transformers")
@@ -76,7 +77,8 @@ def test_missing_block_of_a_fused_projection_is_named(llama_dir, tmp_path) -> No
 
 def test_each_gguf_block_type_gets_its_format(tiny_ggufs) -> None:
     """The tiny llama stores q Q8_0, k Q4_1, v Q8_0, gate Q4_0, up Q5_1, down F16, output Q4_0 (the
-    output projection stays dense: float32 logits)."""
+    output projection keeps a dense float32 weight, with its blocks on the kernel for the shortlist
+    of decode steps)."""
     model = load_model(tiny_ggufs["llama"], device_map="cpu").model
     layer = model.model.layers[0]
     qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
@@ -84,10 +86,13 @@ def test_each_gguf_block_type_gets_its_format(tiny_ggufs) -> None:
     assert isinstance(gate_up, ConcatLinear) and [p.pieces for p in gate_up.parts] == [1, 2]
     assert isinstance(layer.self_attn.o_proj, Int4Linear) and layer.self_attn.o_proj.pieces == 2  # Q8_0
     assert type(layer.mlp.down_proj) is Linear  # F16: dense
-    assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == torch.float32
+    assert type(model.lm_head) is ShortlistHead and model.lm_head.weight.dtype == torch.float32
     assert isinstance(model.model.embed_tokens, GGUFEmbedding)  # untied: the embedding keeps its blocks
     gemma = load_model(tiny_ggufs["gemma3"], device_map="cpu").model  # tied: one dense Parameter for both
     assert gemma.lm_head.weight is gemma.model.embed_tokens.weight
+    assert isinstance(gemma.lm_head, ShortlistHead)
+    exact = load_model(tiny_ggufs["llama"], device_map="cpu", dtype="float32").model
+    assert type(exact.lm_head) is Linear
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -109,7 +109,9 @@ def resolve_weights(
     exact mode's. The copy costs 4 bytes per weight and the time to build it:
     `kernels=KernelPolicy(dense_dtype=None)` keeps only the quantized weights,
     `KernelPolicy(dense_dtype=torch.bfloat16)` half of it (tests/test_quantized_smollm2.py measures the accuracy of each).
-    The output projection is always dense. On CUDA: bfloat16, no copy (not measured: no GPU was at
+    The output projection is always dense; in this mode on the CPU calls of up to 16 rows also run its
+    stored blocks on the kernel, and recompute only each row's best logits with the dense weight
+    (`tokenloom.models.head.ShortlistHead`). On CUDA: bfloat16, no copy (not measured: no GPU was at
     hand). `quantize_bits` quantizes dense linear weights instead, with no copy (memory is what it
     is asked for).
     """

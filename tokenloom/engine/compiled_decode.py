@@ -52,9 +52,10 @@ def can_compile(device: torch.device) -> bool:
 def compile_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
     """Why the decode step is not compiled for this model here, or None when it can be."""
     if device.type == "cpu":
+        from tokenloom.models.head import ShortlistHead
         from tokenloom.models.linear import GGUFEmbedding, QuantizedLinear
 
-        if any(isinstance(m, (QuantizedLinear, GGUFEmbedding)) for m in model.modules()):
+        if any(isinstance(m, (QuantizedLinear, GGUFEmbedding, ShortlistHead)) for m in model.modules()):
             # measured on SmolLM2's int4 step (2 threads): with the pool size dynamic dynamo had not
             # finished its first graph after 12 minutes; with only the block-table width dynamic it
             # compiled in 70 s and stepped in 22.8 ms against eager's 20.5 ms; fully static shapes

@@ -221,7 +221,7 @@ def _affine_q5_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _affine_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    codes = (blocks[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    codes = blocks[:, 2:] ^ 0x80  # int8 q stored as a byte: q + 128 is that byte with its top bit flipped
     d = _f16(blocks, 0)
     return codes, d, -128.0 * d
 

@@ -102,6 +102,7 @@ def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
 
     from tokenloom.attention.paged import AttentionMetadata
     from tokenloom.cache.kv_cache import KVCache
+    from tokenloom.models.head import exact_heads
     from tokenloom.models.linear import GGUFEmbedding, QuantizedLinear
 
     config = model.config
@@ -112,7 +113,9 @@ def check_finite_logits(model: CausalLM, source: ModelSource) -> None:
     cache = KVCache(config.num_hidden_layers, 1, block, config.num_key_value_heads, config.head_dim, dtype,
                     param.device)
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0]], block, param.device, input_ids=ids)
-    with torch.inference_mode():
+    # a shortlist head's kernel is left for its first use: here the head runs its dense weight, read
+    # from the same stored blocks as the kernel's
+    with torch.inference_mode(), exact_heads(model):
         logits = model.compute_logits(model(meta.input_ids, meta.positions, cache, meta))
         if bool(torch.isfinite(logits).all()):
             return

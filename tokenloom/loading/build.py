@@ -25,8 +25,15 @@ from tqdm.auto import tqdm
 from tokenloom.device import WeightPlan
 from tokenloom.errors import ModelLoadError
 from tokenloom.loading.checkpoint import Checkpoint
-from tokenloom.loading.formats import materialize_embedding, materialize_linear, stored_shape, to_dense
+from tokenloom.loading.formats import (
+    head_kernel_source,
+    materialize_embedding,
+    materialize_linear,
+    stored_shape,
+    to_dense,
+)
 from tokenloom.models.base import CausalLM
+from tokenloom.models.head import ShortlistHead
 from tokenloom.models.linear import Embedding, Linear
 from tokenloom.models.registry import model_class_for
 
@@ -87,10 +94,13 @@ def build_model(
     router.tie(bool(config.tie_word_embeddings))
     router.check_complete()
 
-    # The output projection stays dense in every mode: logits rounded to bfloat16 (the quantized
+    # The output projection's weight is dense in every mode: logits rounded to bfloat16 (the quantized
     # kernels' output) flip greedy choices between near-tied tokens. Tied to the embedding, it shares
-    # the embedding's Parameter, which is then dense too (as transformers ties them).
+    # the embedding's Parameter, which is then dense too (as transformers ties them). The default mode
+    # on the CPU adds the stored blocks' kernel for decode steps, whose best logits are recomputed
+    # from the dense weight (`ShortlistHead`).
     dense = WeightPlan(plan.dtype)
+    head_stored = router.stored_head()
     shared = router.drop_tied_head()
     jobs: list[tuple[str, Callable[[], Any]]] = []
     for slot in router.slots.values():
@@ -102,6 +112,7 @@ def build_model(
         _set_by_name(model, name, value)
     if shared:
         model.get_submodule(_TIED[0]).weight = model.get_submodule(_TIED[1]).weight
+    _add_shortlist(model, head_stored, device, plan)
 
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
@@ -191,6 +202,14 @@ class _Router:
             self.slots[head] = _Slot(head, head_module, {None: source.weights[None]})
             self.tied = True
 
+    def stored_head(self) -> Any:
+        """The checkpoint tensor of the output projection (tied: the embedding's), when it is one
+        unbiased tensor; else None."""
+        slot = self.slots.get(_TIED[0])
+        if slot is None or slot.biases or set(slot.weights) != {None}:
+            return None
+        return slot.weights[None]
+
     def drop_tied_head(self) -> bool:
         """Whether the head is tied to the embedding (its slot is dropped: it will share the
         embedding's Parameter)."""
@@ -226,6 +245,17 @@ def _expected_block(module: nn.Module, attr: str, index: int | None) -> tuple[in
     else:
         return ()
     return (rows, module.in_features) if attr == "weight" else (rows,)
+
+
+def _add_shortlist(model: nn.Module, stored: Any, device: torch.device, plan: WeightPlan) -> None:
+    """Put a `ShortlistHead` in place of the dense output projection where the plan runs the stored
+    blocks on a kernel (see tokenloom.models.head); the dense weight (and its tie) stays as it is."""
+    head = getattr(model, _TIED[0], None)
+    if type(head) is not Linear or head.bias is not None:
+        return
+    source = head_kernel_source(stored, device, plan)
+    if source is not None:
+        setattr(model, _TIED[0], ShortlistHead(head.weight, source, max_kernel_rows=plan.kernels.max_kernel_rows))
 
 
 def _slot_job(slot: _Slot, device: torch.device, plan: WeightPlan) -> Callable[[], nn.Module]:

@@ -8,7 +8,9 @@ Which format a weight gets (`WeightPlan`, decided in `tokenloom.device`):
   int4 kernel as they are, Q5_0 / Q5_1 / Q5_K / Q8_0 as two 4-bit pieces (both exact up to the kernel's
   bfloat16 scales); other quantized types (Q6_K, Q2_K, Q3_K, ...) requantized to 8-bit codes in groups
   of 32 (two pieces, within half a step of range/255 per group); float tensors dense. Row blocks of one fused projection in the same format share one module,
-  different formats make a ConcatLinear. Quantized embeddings stay GGUF blocks.
+  different formats make a ConcatLinear. Quantized embeddings stay GGUF blocks. The output projection
+  is dense, and on the CPU its stored blocks also go on a kernel for decode steps (`head_kernel_source`,
+  used by `ShortlistHead`).
 
 Each quantized tensor is read from its stored blocks straight into its kernel layout; float32 exists
 only per tensor (the dense copy for wide calls, when the plan keeps one, and int8 requantization).
@@ -16,6 +18,8 @@ only per tensor (the dense copy for wide calls, when the plan keeps one, and int
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from itertools import groupby
 from typing import Any
 
@@ -24,6 +28,7 @@ from torch import nn
 
 from tokenloom.device import WeightPlan
 from tokenloom.kernels.ggml import AFFINE_GROUP, TORCH_DEQUANTIZERS
+from tokenloom.kernels.policy import KernelPolicy
 from tokenloom.loading.gguf_quants import GGUFTensor, stored_dense
 from tokenloom.models.linear import (
     ConcatLinear,
@@ -31,6 +36,7 @@ from tokenloom.models.linear import (
     GGUFEmbedding,
     Int4Linear,
     Linear,
+    QuantizedLinear,
 )
 from tokenloom.models.quantization import affine_groups, quantize_weight
 
@@ -147,3 +153,23 @@ def _quantized_part(
     codes, scales, offsets = (_cat([a[i] for a in affine]) for i in range(3))
     bits = max(a[3] for a in affine)
     return Int4Linear.from_affine(codes, scales, offsets, bits, AFFINE_GROUP, device, **options)
+
+
+def head_kernel_source(tensor: Any, device: torch.device, plan: WeightPlan) -> Callable[[torch.device], QuantizedLinear] | None:
+    """For the default mode's output projection on the CPU: a builder of its stored GGUF blocks as a
+    quantized kernel with no dense copy (what `_quantized_part` makes of them), or None where the head
+    is dense in the checkpoint or the plan keeps nothing quantized. Nothing is read until it is called."""
+    if not plan.keep_quantized or device.type != "cpu" or not isinstance(tensor, GGUFTensor):
+        return None
+    kind = _kind(tensor)
+    if kind[0] == "dense":
+        return None
+    kernel_plan = replace(plan, kernels=KernelPolicy(plan.kernels.max_kernel_rows, dense_dtype=None))
+    sizes = [tensor.shape[0]]
+
+    def build(where: torch.device) -> QuantizedLinear:
+        part = _quantized_part(kind, [tensor], sizes, None, where, kernel_plan)
+        assert isinstance(part, QuantizedLinear)
+        return part
+
+    return build

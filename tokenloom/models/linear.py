@@ -202,14 +202,23 @@ class Int4Linear(QuantizedLinear):
         if pieces == 1:  # 4-bit codes go in as they are
             packed, scale_and_zeros, layout = int4.pack_int4(codes, scales, zeros, group_size, device)
         else:
-            piece_codes, piece_scales, piece_zeros = [], [], []
+            # the pieces side by side, each written straight into its columns (one pass per piece)
+            piece_codes = torch.empty(out_features, pieces * piece_in, dtype=codes.dtype, device=codes.device)
+            piece_scales, piece_zeros = [], []
             for p in range(pieces):
-                piece = (codes >> (4 * p)) & 0x0F
-                piece_codes.append(piece + shift if p == pieces - 1 and shift else piece)
+                piece = piece_codes[:, p * piece_in : (p + 1) * piece_in]
+                if p == 0:
+                    torch.bitwise_and(codes, 0x0F, out=piece)
+                else:
+                    torch.bitwise_right_shift(codes, 4 * p, out=piece)
+                    if p < pieces - 1:
+                        piece.bitwise_and_(0x0F)
+                    elif shift:
+                        piece.add_(shift)
                 piece_scales.append(scales * float(16**p))
                 piece_zeros.append(zeros if p == 0 else torch.zeros_like(scales))
             packed, scale_and_zeros, layout = int4.pack_int4(
-                torch.cat(piece_codes, dim=1),
+                piece_codes,
                 torch.cat(piece_scales, dim=1),
                 torch.cat(piece_zeros, dim=1),
                 group_size,
