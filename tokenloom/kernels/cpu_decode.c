@@ -213,4 +213,110 @@ void tl_silu_mul(const void *gate_up, int in_dtype, int rows, int inter, void *o
     }
 }
 
-int tl_abi_version(void) { return 1; }
+/* ---- loading: GGUF blocks straight into float32 or the int4 kernel's layout ---------------- */
+
+/* IEEE half -> float, exactly (subnormals, infinities and NaN payloads as numpy converts them). */
+static inline float half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 14;
+            while (!(mant & 0x400u)) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float read_half(const uint8_t *p) { return half_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* Q8_0 blocks (half d, int8 q[32]) -> float32 d * q, as gguf.quants computes it. */
+void tl_dequant_q8_0(const uint8_t *blocks, int64_t n_blocks, float *out) {
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const uint8_t *block = blocks + b * 34;
+        float d = read_half(block);
+        const int8_t *q = (const int8_t *)(block + 2);
+        float *o = out + b * 32;
+        for (int i = 0; i < 32; i++) o[i] = (float)q[i] * d;
+    }
+}
+
+/* Q4_0 (half d, 16 bytes: w = d * (q - 8)) or Q4_1 (half d, half m, 16 bytes: w = d * q + m) blocks
+ * -> float32, as gguf.quants computes them; byte j holds weight j (low nibble) and j + 16. */
+void tl_dequant_q4(const uint8_t *blocks, int64_t n_blocks, int has_min, float *out) {
+    int size = has_min ? 20 : 18, start = has_min ? 4 : 2;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const uint8_t *block = blocks + b * size, *qs = block + start;
+        float d = read_half(block), m = has_min ? read_half(block + 2) : 0.0f;
+        float *o = out + b * 32;
+        for (int j = 0; j < 16; j++) {
+            float lo = (float)(qs[j] & 0x0F), hi = (float)(qs[j] >> 4);
+            if (has_min) {
+                o[j] = lo * d + m;
+                o[j + 16] = hi * d + m;
+            } else {
+                o[j] = (lo - 8.0f) * d;
+                o[j + 16] = (hi - 8.0f) * d;
+            }
+        }
+    }
+}
+
+/* Q4_0 / Q4_1 rows [n_rows, k / 32 blocks] -> torch's CPU int4 layout (blocks of 64 rows: for each
+ * input column, byte j holds row j in its low nibble and row j + 32 in its high one; a last block of
+ * 16, 32 or 48 rows holds rows 2i and 2i + 1 in byte i) and scale_and_zeros bfloat16
+ * [k / 32, n_rows, 2] with w = (q - 8) * scale + zero: scale = d, zero = m + 8 d (Q4_1) or 0 (Q4_0),
+ * rounded to bfloat16 as torch rounds. n_rows must be a multiple of 16. Returns 0, or -1. */
+int tl_pack_q4(const uint8_t *rows, int has_min, int n_rows, int k, uint8_t *packed, bf16 *scale_and_zeros) {
+    if (n_rows % 16 || k % 32) return -1;
+    int size = has_min ? 20 : 18, start = has_min ? 4 : 2, groups = k / 32;
+    int64_t row_bytes = (int64_t)groups * size;
+    uint8_t *codes = (uint8_t *)malloc((size_t)64 * (size_t)k);
+    if (!codes) return -1;
+    for (int base = 0; base < n_rows; base += 64) {
+        int count = n_rows - base < 64 ? n_rows - base : 64;
+        for (int r = 0; r < count; r++) { /* this block's codes, row-major [count, k] */
+            const uint8_t *row = rows + (int64_t)(base + r) * row_bytes;
+            for (int g = 0; g < groups; g++) {
+                const uint8_t *block = row + (int64_t)g * size, *qs = block + start;
+                uint8_t *c = codes + (int64_t)r * k + g * 32;
+                for (int j = 0; j < 16; j++) {
+                    c[j] = qs[j] & 0x0F;
+                    c[j + 16] = qs[j] >> 4;
+                }
+                float d = read_half(block);
+                float zero = has_min ? read_half(block + 2) + 8.0f * d : -8.0f * d + 8.0f * d;
+                bf16 *sz = scale_and_zeros + ((int64_t)g * n_rows + base + r) * 2;
+                sz[0] = f32_to_bf16(d);
+                sz[1] = f32_to_bf16(zero);
+            }
+        }
+        uint8_t *dst = packed + (int64_t)base * k / 2;
+        if (count == 64) {
+            for (int c = 0; c < k; c++)
+                for (int j = 0; j < 32; j++)
+                    dst[(int64_t)c * 32 + j] = (uint8_t)(codes[(int64_t)j * k + c] | (codes[(int64_t)(j + 32) * k + c] << 4));
+        } else {
+            int half = count / 2;
+            for (int c = 0; c < k; c++)
+                for (int i = 0; i < half; i++)
+                    dst[(int64_t)c * half + i] =
+                        (uint8_t)(codes[(int64_t)(2 * i) * k + c] | (codes[(int64_t)(2 * i + 1) * k + c] << 4));
+        }
+    }
+    free(codes);
+    return 0;
+}
+
+int tl_abi_version(void) { return 2; }

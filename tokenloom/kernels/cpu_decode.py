@@ -1,4 +1,5 @@
-"""Fused small ops of a CPU decode step (L1t), from `cpu_decode.c`.
+"""Fused small ops of a CPU decode step, and GGUF blocks unpacked in one pass at load (L1t), from
+`cpu_decode.c`.
 
 The C source ships with the package and is compiled once per machine with the C compiler found on
 the path (`$CC`, else `cc`, `gcc` or `clang`; about a second), into
@@ -29,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "TOKENLOOM_FUSED_DECODE"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLOAT32, BFLOAT16 = 0, 1  # the C code's dtype codes
 MAX_HEAD_DIM = 1024  # the C code's stack buffer for one head
 
@@ -43,6 +44,9 @@ _SIGNATURES = {
     "tl_rope_write": (None, [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]),
     "tl_attend": (_I, [_P, _P, _P, _P, _I64, _P, _I, _I, _I, _I, _I, _F, _P, _I]),
     "tl_silu_mul": (None, [_P, _I, _I, _I, _P, _I]),
+    "tl_dequant_q8_0": (None, [_P, _I64, _P]),
+    "tl_dequant_q4": (None, [_P, _I64, _I, _P]),
+    "tl_pack_q4": (_I, [_P, _I, _I, _I, _P, _P]),
     "tl_abi_version": (_I, []),
 }
 
@@ -69,6 +73,9 @@ class CpuDecodeOps:
         self.rope_write = library.tl_rope_write
         self.attend = library.tl_attend
         self.silu_mul = library.tl_silu_mul
+        self.dequant_q8_0 = library.tl_dequant_q8_0
+        self.dequant_q4 = library.tl_dequant_q4
+        self.pack_q4 = library.tl_pack_q4
         self._library = library  # keeps the handle open
 
 

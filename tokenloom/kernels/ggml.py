@@ -3,7 +3,8 @@
 Each `_dequantize_*` takes the raw blocks of one ggml type as a uint8 tensor `[num_blocks, type_size]`
 and writes float32 `[num_blocks, block_size]` into `out`. They follow `gguf.quants` (llama.cpp's
 reference in numpy) operation for operation, so the results are bit-identical to it. They are plain
-torch ops, so they run wherever the blocks are (CPU or CUDA).
+torch ops, so they run wherever the blocks are (CPU or CUDA). On the CPU, Q8_0, Q4_0 and Q4_1 (the
+default models' types) run the same arithmetic in one C pass when `cpu_decode` is built.
 """
 
 from __future__ import annotations
@@ -28,7 +29,25 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
+def _native(blocks: torch.Tensor, out: torch.Tensor):  # type: ignore[no-untyped-def]
+    """The C ops when they can take these tensors (CPU, contiguous uint8 blocks of a whole block each,
+    float32 out of 32 values per block), else None."""
+    if blocks.device.type != "cpu" or out.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or out.numel() != blocks.shape[0] * 32:
+        return None
+    if not (blocks.is_contiguous() and out.is_contiguous()):
+        return None
+    from tokenloom.kernels import cpu_decode
+
+    return cpu_decode.ops()
+
+
 def _dequantize_q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    native = _native(blocks, out) if blocks.shape[-1] == 34 else None
+    if native is not None:
+        native.dequant_q8_0(blocks.data_ptr(), blocks.shape[0], out.data_ptr())
+        return
     out.copy_(blocks[:, 2:].view(torch.int8))
     out.mul_(_f16(blocks, 0))
 
@@ -44,11 +63,19 @@ def _unpack_nibbles_into(out: torch.Tensor, packed: torch.Tensor, group: int) ->
 
 
 def _dequantize_q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    native = _native(blocks, out) if blocks.shape[-1] == 18 else None
+    if native is not None:
+        native.dequant_q4(blocks.data_ptr(), blocks.shape[0], 0, out.data_ptr())
+        return
     _unpack_nibbles_into(out, blocks[:, 2:], 16)
     out.sub_(8.0).mul_(_f16(blocks, 0))
 
 
 def _dequantize_q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    native = _native(blocks, out) if blocks.shape[-1] == 20 else None
+    if native is not None:
+        native.dequant_q4(blocks.data_ptr(), blocks.shape[0], 1, out.data_ptr())
+        return
     _unpack_nibbles_into(out, blocks[:, 4:], 16)
     out.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
 

@@ -24,9 +24,11 @@ from itertools import groupby
 from typing import Any
 
 import torch
+from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from tokenloom.device import WeightPlan
+from tokenloom.kernels import cpu_decode, int4
 from tokenloom.kernels.ggml import AFFINE_GROUP, TORCH_DEQUANTIZERS
 from tokenloom.kernels.policy import KernelPolicy
 from tokenloom.loading.gguf_quants import GGUFTensor, stored_dense
@@ -129,6 +131,47 @@ def _affine_dense(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tens
     return (grouped * scales[..., None] + offsets[..., None]).view(rows, cols)
 
 
+_NATIVE_DEQUANTIZED = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+
+
+def _dense_values(block: GGUFTensor) -> torch.Tensor:
+    """float32 values of stored blocks (the dense copy for wide calls): the dequantizer for the types
+    it runs in one C pass, else code * scale + offset from the affine codes (the same values)."""
+    if block.ggml_type in _NATIVE_DEQUANTIZED:
+        return block.dequantize()
+    return _affine_dense(*block.affine()[:3])
+
+
+def _native_pack(
+    blocks: list[GGUFTensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int4.Int4Layout] | None:
+    """Q4_0 / Q4_1 row blocks straight into the CPU int4 kernel's layout in one C pass (the torch
+    route unpacks every code to a byte, then packs them again), or None where that does not apply:
+    another type or a mix, not the CPU, shapes the kernel pads, no C compiler."""
+    kind = blocks[0].ggml_type
+    if kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) or device.type != "cpu":
+        return None
+    if any(b.ggml_type != kind for b in blocks):
+        return None
+    rows = sum(b.shape[0] for b in blocks)
+    cols = blocks[0].shape[1]
+    if rows % 16 or cols % AFFINE_GROUP or int4._cpu_block_rows() != 64:
+        return None
+    ops = cpu_decode.ops()
+    if ops is None:
+        return None
+    raw = torch.cat([b.rows for b in blocks]) if len(blocks) > 1 else blocks[0].rows.contiguous()
+    block_bytes = 20 if kind == GGMLQuantizationType.Q4_1 else 18
+    if raw.dtype != torch.uint8 or raw.numel() != rows * (cols // AFFINE_GROUP) * block_bytes:
+        return None  # not the bytes these shapes need: the torch route names the problem
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    scale_and_zeros = torch.empty(cols // AFFINE_GROUP, rows, 2, dtype=torch.bfloat16)
+    has_min = int(kind == GGMLQuantizationType.Q4_1)
+    if ops.pack_q4(raw.data_ptr(), has_min, rows, cols, packed.data_ptr(), scale_and_zeros.data_ptr()) != 0:
+        return None
+    return packed, scale_and_zeros, int4.Int4Layout(rows, cols, AFFINE_GROUP)
+
+
 def _quantized_part(
     kind: tuple[str, int],
     blocks: list[Any],
@@ -147,9 +190,12 @@ def _quantized_part(
             options["dense"] = lambda: _cat([b.dequantize() for b in blocks])
         codes, scales, offsets = affine_groups(dequantized, 8, AFFINE_GROUP)
         return Int4Linear.from_affine(codes, scales, offsets, 8, AFFINE_GROUP, device, **options)
-    affine = [b.affine() for b in blocks]
     if dense_dtype is not None:  # built on the first wide call, from the mapped blocks
-        options["dense"] = lambda: _cat([_affine_dense(*b.affine()[:3]) for b in blocks])
+        options["dense"] = lambda: _cat([_dense_values(b) for b in blocks])
+    native = _native_pack(blocks, device)
+    if native is not None:
+        return Int4Linear(*native, in_features=blocks[0].shape[1], pieces=1, **options)
+    affine = [b.affine() for b in blocks]
     codes, scales, offsets = (_cat([a[i] for a in affine]) for i in range(3))
     bits = max(a[3] for a in affine)
     return Int4Linear.from_affine(codes, scales, offsets, bits, AFFINE_GROUP, device, **options)
