@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from tokenloom.errors import ModelLoadError, TokenizerError
+from tokenloom.loading import tokenizer_cache
 from tokenloom.loading.checkpoint import TokenizerData
 from tokenloom.loading.gguf_arrays import GGUFStrings
 from tokenloom.loading.gguf_cache import parsed_gguf
@@ -154,7 +155,7 @@ def _phi3(vocab: Vocab, merges: Merges) -> Tokenizer:
 @dataclass(frozen=True)
 class _Builder:
     """One tokenizer class: the BPE vocabulary and merges it derives from the file's tokens (the slow
-    part) and the tokenizer it assembles around them."""
+    part, which `tokenizer_cache` keeps) and the tokenizer it assembles around them."""
 
     name: str
     inputs: Callable[[dict[str, Any], list[str]], tuple[Vocab, Merges]]
@@ -244,8 +245,13 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
             hint=f"supported tokenizer.ggml.model values: {', '.join(sorted(_BY_TYPE))}",
         )
     byte_level = tokenizer_type == "gpt2"
+    entry = tokenizer_cache.entry_for(path, builder.name, len(tokens))
+    cached = tokenizer_cache.load(entry) if entry is not None else None
     try:
-        vocab, merges = builder.inputs(md, tokens.tolist() if isinstance(tokens, GGUFStrings) else tokens)
+        if cached is None:
+            vocab, merges = builder.inputs(md, tokens.tolist() if isinstance(tokens, GGUFStrings) else tokens)
+        else:
+            vocab, merges = cached
         tokenizer = builder.assemble(vocab, merges)
         _add_file_special_tokens(tokenizer, md, tokens, byte_level)
     except TokenizerError:
@@ -312,4 +318,6 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
         model_max_length=None,
         extra={"tokenizer_type": tokenizer_type, "pre_tokenizer_type": md.get("tokenizer.ggml.pre")},
     )
+    if entry is not None and cached is None:  # only a file that made a tokenizer is cached
+        tokenizer_cache.store(entry, vocab, merges)
     return data

@@ -1,7 +1,7 @@
 """The BPE vocabulary and merges a GGUF file's tokenizer metadata implies (L3, no torch): the tokens
 respelled in GPT-2's byte alphabet for byte-level vocabularies, the file's merges parsed, or the merges
 rebuilt from the vocabulary as transformers' `generate_merges` does when the file has none. This is the
-slow part of a tokenizer rebuild (seconds for Gemma 3's 262k tokens).
+slow part of a tokenizer rebuild (seconds for Gemma 3's 262k tokens), which `tokenizer_cache` keeps.
 """
 
 from __future__ import annotations
