@@ -138,3 +138,64 @@ def test_the_model_loader_never_builds_the_vocabulary(tmp_path: Path) -> None:
     assert isinstance(metadata[KEY], GGUFStrings) and metadata[KEY]._items is None
     assert isinstance(metadata["tokenizer.ggml.merges"], GGUFStrings)
     assert metadata["tokenizer.ggml.merges"]._items is None
+
+
+# ---------------------------------------------------------------- layouts of an earlier parse
+
+
+def _no_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenloom.loading import gguf_arrays
+
+    monkeypatch.setattr(gguf_arrays, "_walk", lambda *_: pytest.fail("the length fields were walked"))
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_a_layout_spares_the_walk_and_changes_nothing(tmp_path: Path, monkeypatch, case: str) -> None:
+    path = _gguf(tmp_path / f"{case}.gguf", VALID[case])
+    walked = read_gguf(path)
+    layout = walked.layout()
+    assert set(layout) == {KEY} and layout[KEY].tolist() == [len(item) for item in VALID[case]]
+    with monkeypatch.context() as patch:
+        if VALID[case]:
+            _no_walk(patch)
+        hinted = read_gguf(path, layout)
+    assert hinted.metadata == walked.metadata and hinted.metadata["general.after"] == 7
+    assert (hinted.metadata[KEY]._starts == walked.metadata[KEY]._starts).all()
+    assert (hinted.metadata[KEY]._ends == walked.metadata[KEY]._ends).all()
+
+
+def test_a_layout_that_does_not_fit_the_file_is_ignored(tmp_path: Path) -> None:
+    import numpy as np
+
+    items = [b"abc", b"", "\u00e9".encode(), b"xyz" * 50]
+    path = _gguf(tmp_path / "t.gguf", items)
+    expected = read_gguf(path).metadata
+    good = np.array([len(item) for item in items], dtype=np.uint64)
+    wrong = [
+        good[:-1],  # another count
+        good[::-1].copy(),  # the same lengths, in another order
+        good + np.uint64(1),
+        np.array([0, 0, 0, sum(map(len, items)) + 24], dtype=np.uint64),  # the same end, other fields
+        np.array([1 << 63, 0, 0, 0], dtype=np.uint64),
+        good.astype(np.int64),  # another type
+        good.reshape(2, 2),
+    ]
+    for lengths in wrong:
+        assert read_gguf(path, {KEY: lengths}).metadata == expected
+
+
+def test_a_layout_does_not_hide_a_malformed_array(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    latin1 = _gguf(tmp_path / "latin1.gguf", INVALID["latin1"])
+    lengths = np.array([len(item) for item in INVALID["latin1"]], dtype=np.uint64)
+    with pytest.raises(GGUFFormatError) as hinted:
+        read_gguf(latin1, {KEY: lengths})
+    assert str(hinted.value) == _eager_error(monkeypatch, latin1)
+    items = [b"abc" * 9, b"de" * 9, b"fg" * 9]
+    whole = _gguf(tmp_path / "whole.gguf", items).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) - 40])
+    with pytest.raises(GGUFFormatError, match="truncated") as hinted:
+        read_gguf(cut, {KEY: np.array([27, 18, 18], dtype=np.uint64)})
+    assert str(hinted.value) == _eager_error(monkeypatch, cut)

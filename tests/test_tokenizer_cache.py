@@ -170,7 +170,24 @@ def test_the_default_directory_is_under_tokenloom_home(tmp_path: Path, monkeypat
 
 def test_small_vocabularies_are_not_cached(tmp_path: Path, cache: Path) -> None:
     load_gguf_tokenizer(write_tiny_gguf_with_tokenizer(tmp_path, "llama"))
-    assert _entries(cache) == []
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_the_header_layout_is_kept_and_used(tiny: Path, cache: Path, monkeypatch) -> None:
+    from tokenloom.loading import gguf_arrays
+    from tokenloom.loading.gguf_cache import parsed_gguf
+
+    walked = parsed_gguf(tiny).metadata
+    (layout,) = cache.glob("*.layout")
+    clear_cache()
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_arrays, "_walk", lambda *_: pytest.fail("the length fields were walked"))
+        assert parsed_gguf(tiny).metadata == walked
+    blob = layout.read_bytes()
+    layout.write_bytes(blob[:-3])  # damaged: ignored, walked again and rewritten
+    clear_cache()
+    assert parsed_gguf(tiny).metadata == walked
+    assert layout.read_bytes() == blob
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "empty", "garbage", "wrong_key", "bad_payload"])
@@ -230,9 +247,10 @@ def test_writes_go_through_a_temporary_file(tiny: Path, cache: Path, monkeypatch
     real = os.replace
     monkeypatch.setattr(tokenizer_cache.os, "replace", lambda a, b: renames.append((a, b)) or real(a, b))
     load_gguf_tokenizer(tiny)
-    ((source, target),) = renames
-    assert Path(source).parent == cache and Path(source).name.endswith(".tmp") and not Path(source).exists()
-    assert [Path(target)] == _entries(cache) and list(cache.iterdir()) == [Path(target)]
+    assert sorted(Path(target).suffix for _, target in renames) == [".bpe", ".layout"]  # tokenizer, header
+    for source, _ in renames:
+        assert Path(source).parent == cache and Path(source).name.endswith(".tmp") and not Path(source).exists()
+    assert sorted(cache.iterdir()) == sorted(Path(target) for _, target in renames)
 
 
 def test_the_key_follows_the_file_and_the_code(tiny: Path, cache: Path, monkeypatch) -> None:

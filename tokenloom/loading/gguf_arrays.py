@@ -32,32 +32,30 @@ class GGUFStrings(Sequence[str]):
         self._items: list[str] | None = None
 
     @classmethod
-    def parse(cls, view: memoryview, pos: int, count: int) -> tuple[GGUFStrings, int] | None:
+    def parse(
+        cls, view: memoryview, pos: int, count: int, lengths: np.ndarray | None = None
+    ) -> tuple[GGUFStrings, int] | None:
         """The `count` strings stored from byte `pos` of `view`, and the position after them.
 
-        Only the common case is handled here: every length inside the buffer and every element valid
-        UTF-8. None otherwise: the reader's element-by-element parse then raises the error naming the
-        element."""
-        ends: list[int] = []
-        append = ends.append
-        length_at = _LENGTH.unpack_from
-        end = pos
-        try:
-            for _ in range(count):  # the lengths chain: one Python step per element, checked below
-                end += length_at(view, end)[0] + 8
-                append(end)
-        except (struct.error, OverflowError):  # a length field past the end of the buffer
+        `lengths`, the element lengths of an earlier parse of the file (`lengths()`), spare the walk
+        along the length fields when every field holds what they say (checked at once; a stale or wrong
+        one is ignored). Only the common case is handled here: every length inside the buffer and every
+        element valid UTF-8. None otherwise: the reader's element-by-element parse then raises the error
+        naming the element."""
+        bounds = _bounds_from_lengths(view, pos, count, lengths) if lengths is not None else None
+        if bounds is None:
+            bounds = _walk(view, pos, count)
+        if bounds is None:
             return None
-        if end > len(view):  # the last element runs past the end of the buffer
-            return None
-        end_array = np.array(ends, dtype=np.int64)
-        starts = np.empty_like(end_array)
-        if count:
-            starts[0] = pos + 8
-            starts[1:] = end_array[:-1] + 8
+        starts, ends = bounds
+        end = int(ends[-1]) if count else pos
         if not _valid_utf8(view, pos, end, starts):
             return None
-        return cls(view, starts, end_array), end
+        return cls(view, starts, ends), end
+
+    def lengths(self) -> np.ndarray:
+        """The byte length of each element (uint64), for a later `parse` of the same file."""
+        return (self._ends - self._starts).astype(np.uint64)
 
     def _all(self) -> list[str]:
         if self._items is None:
@@ -102,6 +100,48 @@ class GGUFStrings(Sequence[str]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, (self._all(),))  # pickled / deep-copied as the list it stands for
+
+
+def _walk(view: memoryview, pos: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(starts, ends) of the elements, following the length fields one by one; None if one of them
+    or an element runs past the end of the buffer."""
+    ends: list[int] = []
+    append = ends.append
+    length_at = _LENGTH.unpack_from
+    end = pos
+    try:
+        for _ in range(count):  # the lengths chain: one Python step per element
+            end += length_at(view, end)[0] + 8
+            append(end)
+    except (struct.error, OverflowError):  # a length field past the end of the buffer
+        return None
+    if end > len(view):  # the last element runs past the end of the buffer
+        return None
+    end_array = np.array(ends, dtype=np.int64)
+    starts = np.empty_like(end_array)
+    if count:
+        starts[0] = pos + 8
+        starts[1:] = end_array[:-1] + 8
+    return starts, end_array
+
+
+def _bounds_from_lengths(
+    view: memoryview, pos: int, count: int, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """What `_walk` finds, from known element lengths: the bounds they imply, kept only if every
+    length field in the buffer holds its element's length (so the walk would find the same)."""
+    size = len(view)
+    if lengths.dtype != np.uint64 or lengths.shape != (count,) or not count or int(lengths.max()) > size:
+        return None
+    ends = pos + np.cumsum(lengths.astype(np.int64) + 8)
+    if int(ends[-1]) > size:
+        return None
+    starts = ends - lengths.astype(np.int64)
+    fields = (starts - 8)[:, None] + np.arange(8)
+    stored = np.frombuffer(view, dtype=np.uint8)[fields].view("<u8").ravel()
+    if not np.array_equal(stored, lengths):
+        return None
+    return starts, ends
 
 
 def _zeroed_region(view: memoryview, pos: int, end: int, starts: np.ndarray) -> np.ndarray:

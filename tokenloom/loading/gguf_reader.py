@@ -89,12 +89,17 @@ class GGUFFile:
         """The tensor's bytes as stored (uint8, a view of the map)."""
         return self.data[info.offset : info.offset + info.nbytes]
 
+    def layout(self) -> dict[str, np.ndarray]:
+        """The element lengths of each lazily built array, which let `read_gguf` skip walking them."""
+        return {key: value.lengths() for key, value in self.metadata.items() if isinstance(value, GGUFStrings)}
+
 
 class _Cursor:
     """Bounds-checked little-endian reads from the file's buffer."""
 
-    def __init__(self, buffer: np.ndarray, path: Path) -> None:
+    def __init__(self, buffer: np.ndarray, path: Path, layout: dict[str, np.ndarray] | None = None) -> None:
         self.buffer = buffer
+        self.layout = layout or {}  # element lengths of the lazy arrays from an earlier parse (hints)
         self.size = buffer.shape[0]
         self.view = memoryview(buffer)
         self.path = path
@@ -186,7 +191,7 @@ class _Cursor:
                 self.need_items(count, 8, f"metadata array {key!r}")
                 self.count_elements(count, key)
                 if depth == 0 and key in LAZY_STRING_ARRAYS:
-                    parsed = GGUFStrings.parse(self.view, self.pos, count)
+                    parsed = GGUFStrings.parse(self.view, self.pos, count, self.layout.get(key))
                     if parsed is not None:
                         strings, self.pos = parsed
                         return strings
@@ -235,20 +240,23 @@ def open_memmap(path: Path) -> np.ndarray:
         raise GGUFFormatError(f"{path}: cannot map the file ({exc})") from exc
 
 
-def read_gguf(path: Path) -> GGUFFile:
-    """Parse a GGUF file's header and map its data. Raises `GGUFFormatError` / `ModelNotFoundError`."""
+def read_gguf(path: Path, layout: dict[str, np.ndarray] | None = None) -> GGUFFile:
+    """Parse a GGUF file's header and map its data. Raises `GGUFFormatError` / `ModelNotFoundError`.
+
+    `layout` (`GGUFFile.layout()` of an earlier parse of the file) spares walking the vocabulary arrays
+    where it still fits the file, which is checked; it never changes the result."""
     path = Path(path)
     data = open_memmap(path)
     try:
-        return _parse(path, data)
+        return _parse(path, data, layout)
     except GGUFFormatError:
         raise
     except (struct.error, ValueError, OverflowError, MemoryError) as exc:
         raise GGUFFormatError(f"{path}: corrupt GGUF header ({exc})") from exc
 
 
-def _parse(path: Path, data: np.ndarray) -> GGUFFile:
-    cursor = _Cursor(data, path)
+def _parse(path: Path, data: np.ndarray, layout: dict[str, np.ndarray] | None = None) -> GGUFFile:
+    cursor = _Cursor(data, path, layout)
     cursor.pos = 4
     (version,) = cursor.unpack("I", "version")
     if version not in _SUPPORTED_VERSIONS:

@@ -15,6 +15,10 @@ file fails keep failing. Entries are written to a temporary file and renamed int
 of their contents, and any entry that cannot be read, fails the checksum or does not decode is ignored
 (and rewritten). An unwritable cache directory only means nothing is cached. At most `MAX_ENTRIES` are
 kept (least recently used go first).
+
+Beside each tokenizer, the layout of the file's vocabulary arrays (the byte length of every element,
+`GGUFFile.layout`) lets the next header parse skip walking 10^5 length fields one by one: the reader
+checks every field against it at once and walks them when it does not fit, so it never changes a parse.
 """
 
 from __future__ import annotations
@@ -26,20 +30,23 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MIN_CACHED_TOKENS = 4096  # smaller vocabularies are rebuilt in milliseconds
-MAX_ENTRIES = 8
+MIN_CACHED_TOKENS = 4096  # smaller vocabularies are rebuilt (and their headers walked) in milliseconds
+MAX_ENTRIES = 8  # of each kind
 _MAGIC = b"tokenloom-bpe\n"
 _DIGEST = 32  # bytes of SHA-256
-_SUFFIX = ".bpe"
+_BPE, _LAYOUT = ".bpe", ".layout"
 # The modules whose code decides what an entry holds: a change to any of them is a different key.
 _SOURCES = ("gguf_vocab.py", "gguf_tokenizer.py", "gguf_arrays.py", "gguf_reader.py", "tokenizer_cache.py")
+_LAYOUT_SOURCES = ("gguf_arrays.py", "gguf_reader.py")
 
 Vocab = dict[str, int]
 Merges = list[tuple[str, str]]
@@ -58,17 +65,13 @@ def cache_dir() -> Path:
     return tokenloom_home() / "tokenizers"
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """A digest of the tokenloom version, the deriving code's source and the library versions."""
-    import tokenizers
-
+@cache
+def _sources_digest(names: tuple[str, ...]) -> str:
     import tokenloom
 
-    digest = hashlib.sha256(f"{FORMAT_VERSION}|{tokenloom.__version__}|{tokenizers.__version__}|".encode())
-    digest.update(sys.version.encode())
+    digest = hashlib.sha256(f"{FORMAT_VERSION}|{tokenloom.__version__}|{sys.version}|".encode())
     here = Path(__file__).parent
-    for name in _SOURCES:
+    for name in names:
         try:
             digest.update((here / name).read_bytes())
         except OSError:  # no sources (a frozen install): the version strings above decide alone
@@ -76,22 +79,40 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def entry_for(gguf_path: Path, builder: str, vocab_size: int) -> CacheEntry | None:
-    """The entry for a GGUF file's tokenizer, or None when it is not worth caching or the file is gone."""
-    if vocab_size < MIN_CACHED_TOKENS:
-        return None
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A digest of the tokenloom version, the deriving code's source and the library versions."""
+    import tokenizers
+
+    return f"{_sources_digest(_SOURCES)}|{tokenizers.__version__}"
+
+
+def _entry(gguf_path: Path, suffix: str, version: str) -> CacheEntry | None:
+    """The entry of one kind (`suffix`) for a file, keyed by its identity on disk and `version`."""
     try:
         resolved = Path(gguf_path).resolve()
         stat = resolved.stat()
     except OSError:
         return None
-    identity = f"{resolved}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{builder}|{code_version()}"
+    identity = f"{resolved}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{suffix}|{version}"
     key = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
-    return CacheEntry(cache_dir() / f"{key[:32]}{_SUFFIX}", key)
+    return CacheEntry(cache_dir() / f"{key[:32]}{suffix}", key)
 
 
-def load(entry: CacheEntry) -> tuple[Vocab, Merges] | None:
-    """The cached vocabulary and merges, or None when there is no sound entry."""
+def entry_for(gguf_path: Path, builder: str, vocab_size: int) -> CacheEntry | None:
+    """The entry for a GGUF file's tokenizer, or None when it is not worth caching or the file is gone."""
+    if vocab_size < MIN_CACHED_TOKENS:
+        return None
+    return _entry(gguf_path, _BPE, f"{builder}|{code_version()}")
+
+
+def layout_entry(gguf_path: Path) -> CacheEntry | None:
+    """The entry for the layout of a GGUF file's vocabulary arrays (see `GGUFFile.layout`)."""
+    return _entry(gguf_path, _LAYOUT, _sources_digest(_LAYOUT_SOURCES))
+
+
+def _read(entry: CacheEntry) -> tuple[Any, ...] | None:
+    """The values stored in an entry, or None when there is no sound one."""
     try:
         blob = entry.path.read_bytes()
     except OSError:
@@ -105,25 +126,18 @@ def load(entry: CacheEntry) -> tuple[Vocab, Merges] | None:
         value: Any = marshal.loads(payload)
     except (EOFError, ValueError, TypeError):
         return None
-    if not (isinstance(value, tuple) and len(value) == 4 and value[0] == FORMAT_VERSION and value[1] == entry.key):
-        return None
-    _, _, vocab, merges = value
-    if not isinstance(vocab, dict) or not isinstance(merges, list):
+    if not (isinstance(value, tuple) and len(value) >= 2 and value[0] == FORMAT_VERSION and value[1] == entry.key):
         return None
     try:
         os.utime(entry.path)  # recently used: pruned last
     except OSError:
         pass
-    return vocab, merges
+    return value[2:]
 
 
-def store(entry: CacheEntry, vocab: Vocab, merges: Merges) -> None:
-    """Write the entry atomically; any OS error (a read-only or full disk) just leaves it unwritten."""
-    # the merges' halves as the vocabulary's own string objects: marshal then writes each string once
-    # and a load builds half as many objects
-    canonical = {token: token for token in vocab}
-    shared = [(canonical.get(left, left), canonical.get(right, right)) for left, right in merges]
-    payload = marshal.dumps((FORMAT_VERSION, entry.key, vocab, shared))
+def _write(entry: CacheEntry, values: tuple[Any, ...]) -> None:
+    """Write an entry atomically; any OS error (a read-only or full disk) just leaves it unwritten."""
+    payload = marshal.dumps((FORMAT_VERSION, entry.key, *values))
     directory = entry.path.parent
     temporary: str | None = None
     try:
@@ -144,14 +158,48 @@ def store(entry: CacheEntry, vocab: Vocab, merges: Merges) -> None:
                 os.unlink(temporary)
             except OSError:
                 pass
-    _prune(directory)
+    _prune(directory, entry.path.suffix)
 
 
-def _prune(directory: Path) -> None:
-    """Keep the MAX_ENTRIES most recently used entries."""
+def load(entry: CacheEntry) -> tuple[Vocab, Merges] | None:
+    """The cached vocabulary and merges, or None when there is no sound entry."""
+    values = _read(entry)
+    if values is None or len(values) != 2 or not isinstance(values[0], dict) or not isinstance(values[1], list):
+        return None
+    return values[0], values[1]
+
+
+def store(entry: CacheEntry, vocab: Vocab, merges: Merges) -> None:
+    """Keep a tokenizer's vocabulary and merges (see `_write`)."""
+    # the merges' halves as the vocabulary's own string objects: marshal then writes each string once
+    # and a load builds half as many objects
+    canonical = {token: token for token in vocab}
+    shared = [(canonical.get(left, left), canonical.get(right, right)) for left, right in merges]
+    _write(entry, (vocab, shared))
+
+
+def load_layout(entry: CacheEntry) -> dict[str, np.ndarray] | None:
+    """A cached vocabulary layout (hints the reader checks against the file), or None."""
+    values = _read(entry)
+    if values is None or len(values) != 1 or not isinstance(values[0], dict):
+        return None
+    try:
+        return {str(key): np.frombuffer(lengths, dtype="<u8") for key, lengths in values[0].items()}
+    except (TypeError, ValueError):
+        return None
+
+
+def store_layout(entry: CacheEntry, layout: dict[str, np.ndarray]) -> None:
+    """Keep a vocabulary layout when its arrays are large enough to be worth it (see `_write`)."""
+    if sum(len(lengths) for lengths in layout.values()) >= MIN_CACHED_TOKENS:
+        _write(entry, ({key: lengths.astype("<u8").tobytes() for key, lengths in layout.items()},))
+
+
+def _prune(directory: Path, suffix: str) -> None:
+    """Keep the MAX_ENTRIES most recently used entries of one kind."""
     entries = []
     try:
-        for path in directory.glob(f"*{_SUFFIX}"):
+        for path in directory.glob(f"*{suffix}"):
             try:
                 entries.append((path.stat().st_mtime_ns, path))
             except OSError:  # removed meanwhile
@@ -169,7 +217,7 @@ def _prune(directory: Path) -> None:
 def clear() -> None:
     """Remove every entry (and leftover temporary file) of the cache directory."""
     directory = cache_dir()
-    for pattern in (f"*{_SUFFIX}", f".*{_SUFFIX}.*.tmp"):
+    for pattern in (f"*{_BPE}", f"*{_LAYOUT}", ".*.tmp"):
         for path in directory.glob(pattern):
             try:
                 path.unlink()
