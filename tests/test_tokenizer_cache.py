@@ -310,3 +310,14 @@ def test_the_metadata_checks_run_on_a_cache_hit(tiny: Path, cache: Path) -> None
     clear_cache()
     with pytest.raises(TokenizerError, match="tokenizer.ggml.add_bos_token must be true or false"):
         load_gguf_tokenizer(tiny)
+
+
+def test_the_file_merges_share_the_vocabulary_strings() -> None:
+    """So that an entry stores each string once (marshal writes the repeats as references)."""
+    from tokenloom.loading.gguf_vocab import parsed_merges
+
+    left, right = "".join(["a", "b"]), "".join(["c", "d"])
+    vocab = {left: 0, right: 1, left + right: 2}
+    (merge,) = parsed_merges([f"{left} {right}"], vocab)
+    assert merge == ("ab", "cd") and merge[0] is left and merge[1] is right
+    assert parsed_merges(["ab cd"]) == [("ab", "cd")]

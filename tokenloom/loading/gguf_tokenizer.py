@@ -78,7 +78,8 @@ Merges = list[tuple[str, str]]
 
 def _byte_level_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]:
     """GPT2Tokenizer: tokens outside the byte alphabet are respelled in it."""
-    return byte_level_vocab(tokens), file_merges(md, tokens)
+    vocab = byte_level_vocab(tokens)
+    return vocab, file_merges(md, tokens, vocab=vocab)
 
 
 def _byte_level(vocab: Vocab, merges: Merges) -> Tokenizer:
@@ -99,7 +100,8 @@ def _byte_level(vocab: Vocab, merges: Merges) -> Tokenizer:
 
 def _plain_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]:
     """The tokens as they are, and the file's merges (or ones rebuilt by score)."""
-    return dict(zip(tokens, range(len(tokens)))), file_merges(md, tokens)  # a later duplicate wins
+    vocab = dict(zip(tokens, range(len(tokens))))  # a later duplicate wins
+    return vocab, file_merges(md, tokens, vocab=vocab)
 
 
 def _sentencepiece(vocab: Vocab, merges: Merges) -> Tokenizer:
@@ -139,7 +141,7 @@ def _gemma_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]
     respelled = [_SPACE * len(token) if " " in token and not token.strip() else token for token in tokens]
     positions = dict(zip(respelled, range(0, -len(respelled), -1)))
     vocab = dict(zip(respelled, range(len(respelled))))
-    return vocab, file_merges(md, respelled, positions)
+    return vocab, file_merges(md, respelled, positions, vocab)
 
 
 def _phi3(vocab: Vocab, merges: Merges) -> Tokenizer:

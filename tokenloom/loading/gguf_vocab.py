@@ -73,13 +73,17 @@ def generate_merges(
 
 
 def file_merges(
-    md: dict[str, Any], tokens: list[str], vocab_scores: dict[str, float] | None = None
+    md: dict[str, Any],
+    tokens: list[str],
+    vocab_scores: dict[str, float] | None = None,
+    vocab: dict[str, int] | None = None,
 ) -> list[tuple[str, str]]:
     """The file's merges (tokenizer.ggml.merges), or ones rebuilt from `tokens` and their scores
-    (`vocab_scores`, else tokenizer.ggml.scores, else the token order)."""
+    (`vocab_scores`, else tokenizer.ggml.scores, else the token order). The file's merges are spelled
+    with `vocab`'s own string objects where it holds them (see `parsed_merges`)."""
     if "tokenizer.ggml.merges" in md:
         merges = md["tokenizer.ggml.merges"]
-        return parsed_merges(merges.tolist() if isinstance(merges, GGUFStrings) else merges)
+        return parsed_merges(merges.tolist() if isinstance(merges, GGUFStrings) else merges, vocab)
     if vocab_scores is None and "tokenizer.ggml.scores" in md:
         vocab_scores = dict(zip(tokens, md["tokenizer.ggml.scores"], strict=False))
     return generate_merges({token: index for index, token in enumerate(tokens)}, vocab_scores)
@@ -103,13 +107,17 @@ def byte_level_vocab(tokens: list[str]) -> dict[str, int]:
     }
 
 
-def parsed_merges(merges: list[str]) -> list[tuple[str, str]]:
+def parsed_merges(merges: list[str], vocab: dict[str, int] | None = None) -> list[tuple[str, str]]:
     """`left right` strings -> pairs; a merge that is not two tokens separated by one space is a
-    TokenizerError naming it."""
+    TokenizerError naming it. With `vocab`, a half it holds is its key object rather than an equal
+    copy: the derived-tokenizer cache then stores each string once, without building new pairs."""
     # The common case at C speed: every merge holds a space and all of them hold as many spaces as
     # there are merges, so each holds exactly one, and no half is empty.
     halves = " ".join(merges).split(" ")
     if len(halves) == 2 * len(merges) and all(map(operator.contains, merges, repeat(" "))) and "" not in halves:
+        if vocab is not None:
+            canonical = dict(zip(vocab, vocab)).get
+            halves = list(map(canonical, halves, halves))
         return list(zip(halves[0::2], halves[1::2]))
     parsed = []
     for index, merge in enumerate(merges):

@@ -171,11 +171,14 @@ def load(entry: CacheEntry) -> tuple[Vocab, Merges] | None:
 
 def store(entry: CacheEntry, vocab: Vocab, merges: Merges) -> None:
     """Keep a tokenizer's vocabulary and merges (see `_write`)."""
-    # the merges' halves as the vocabulary's own string objects: marshal then writes each string once
-    # and a load builds half as many objects
-    canonical = {token: token for token in vocab}
-    shared = [(canonical.get(left, left), canonical.get(right, right)) for left, right in merges]
-    _write(entry, (vocab, shared))
+    # Merges spelled with the vocabulary's own string objects let marshal write each string once, and a
+    # load then builds half as many objects. The file's merges come that way (`parsed_merges`); rebuilt
+    # ones are respelled here. (Only the size and speed depend on it: equal strings load equal.)
+    canonical = dict(zip(vocab, vocab)).get
+    if any(canonical(left) is not left or canonical(right) is not right for left, right in merges[:64]):
+        lefts, rights = zip(*merges)
+        merges = list(zip(map(canonical, lefts, lefts), map(canonical, rights, rights)))
+    _write(entry, (vocab, merges))
 
 
 def load_layout(entry: CacheEntry) -> dict[str, np.ndarray] | None:
