@@ -56,14 +56,16 @@ def generate_merges(
         )
     reverse = vocab_scores is not None
     scores = dict(vocab_scores) if vocab_scores is not None else vocab
+    # a half in the vocabulary as its key object (one lookup, as `in` is): see `parsed_merges`
+    canonical = dict(zip(vocab, vocab)).get
     merges: list[tuple[str, str, float]] = []
     for merge, score in scores.items():
         local = []
         for i in range(1, len(merge)):
-            left = merge[:i]
-            if left in vocab:
-                right = merge[i:]
-                if right in vocab:
+            left = canonical(merge[:i])
+            if left is not None:
+                right = canonical(merge[i:])
+                if right is not None:
                     local.append((left, right, score))
         if len(local) > 1:
             local.sort(key=lambda item: (vocab[item[0]], vocab[item[1]]))
@@ -86,7 +88,7 @@ def file_merges(
         return parsed_merges(merges.tolist() if isinstance(merges, GGUFStrings) else merges, vocab)
     if vocab_scores is None and "tokenizer.ggml.scores" in md:
         vocab_scores = dict(zip(tokens, md["tokenizer.ggml.scores"], strict=False))
-    return generate_merges({token: index for index, token in enumerate(tokens)}, vocab_scores)
+    return generate_merges(dict(zip(tokens, range(len(tokens)))), vocab_scores)  # a later duplicate wins
 
 
 @lru_cache(maxsize=1)
