@@ -190,7 +190,9 @@ def test_the_header_layout_is_kept_and_used(tiny: Path, cache: Path, monkeypatch
     assert layout.read_bytes() == blob
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "empty", "garbage", "wrong_key", "bad_payload"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "flipped_byte", "empty", "garbage", "wrong_key", "bad_payload", "wrong_types"]
+)
 def test_a_damaged_entry_is_ignored_and_rewritten(tiny: Path, cache: Path, monkeypatch, damage: str) -> None:
     import hashlib
     import marshal
@@ -203,7 +205,9 @@ def test_a_damaged_entry_is_ignored_and_rewritten(tiny: Path, cache: Path, monke
     def sealed(payload: bytes) -> bytes:  # a sound checksum over a payload that is not an entry
         return tokenizer_cache._MAGIC + hashlib.sha256(payload).digest() + payload
 
+    key = marshal.loads(blob[header:])[1]
     entry.write_bytes({
+        "wrong_types": sealed(marshal.dumps((tokenizer_cache.FORMAT_VERSION, key, {1: "a"}, [("a",), 5]))),
         "truncated": blob[: len(blob) // 2],
         "flipped_byte": blob[:-5] + bytes([blob[-5] ^ 0x40]) + blob[-4:],
         "empty": b"",

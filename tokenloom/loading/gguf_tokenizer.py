@@ -5,6 +5,7 @@ ids, added tokens and decoding agree with `AutoTokenizer.from_pretrained(dir, gg
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from tokenloom.loading.gguf_arrays import GGUFStrings
 from tokenloom.loading.gguf_cache import parsed_gguf
 from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
 from tokenloom.loading.gguf_vocab import byte_level_vocab, bytes_to_unicode, file_merges
+
+logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -231,6 +234,16 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
         raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
 
 
+def _assemble_cached(builder: _Builder, cached: tuple[Vocab, Merges]) -> Tokenizer | None:
+    """The tokenizer assembled from a cache entry's vocabulary and merges; None if they do not make one
+    (an entry written by hand: the file's own metadata decides then)."""
+    try:
+        return builder.assemble(*cached)
+    except Exception:  # noqa: BLE001 - tokenizers raises bare Exceptions; any failure means "rebuild"
+        logger.debug("a tokenizer cache entry does not make a %s tokenizer; rebuilding it", builder.name)
+        return None
+
+
 def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
     tokenizer_type = md.get("tokenizer.ggml.model")
     architecture = md.get("general.architecture", "")
@@ -249,12 +262,12 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
     byte_level = tokenizer_type == "gpt2"
     entry = tokenizer_cache.entry_for(path, builder.name, len(tokens))
     cached = tokenizer_cache.load(entry) if entry is not None else None
+    tokenizer = _assemble_cached(builder, cached) if cached is not None else None
     try:
-        if cached is None:
+        if tokenizer is None:  # no sound cache entry: derive the vocabulary from the file
+            cached = None
             vocab, merges = builder.inputs(md, tokens.tolist() if isinstance(tokens, GGUFStrings) else tokens)
-        else:
-            vocab, merges = cached
-        tokenizer = builder.assemble(vocab, merges)
+            tokenizer = builder.assemble(vocab, merges)
         _add_file_special_tokens(tokenizer, md, tokens, byte_level)
     except TokenizerError:
         raise
