@@ -137,7 +137,7 @@ def test_one_header_parse_per_load(smollm2_gguf, tmp_path, monkeypatch) -> None:
     shutil.copyfile(smollm2_gguf, path)
     calls = []
     real = gguf_cache.read_gguf
-    monkeypatch.setattr(gguf_cache, "read_gguf", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(gguf_cache, "read_gguf", lambda p, *rest: calls.append(p) or real(p, *rest))
     gguf_cache.clear_cache()
     LLM(str(path), device_map="cpu")  # the checkpoint and the tokenizer
     assert len(calls) == 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenloom.errors import ConfigError, UnsupportedModelError
+from tokenloom.loading.gguf_arrays import GGUFStrings
 from tokenloom.loading.gguf_rope import ROPE_FREQS, refuse_unmapped_rope_tensors
 from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
 from tokenloom.models import config_checks
@@ -186,7 +187,8 @@ def _drop_foreign_token_ids(config: dict[str, Any], metadata: dict[str, Any], pa
     """A special-token id outside the vocabulary names no token: left out, as the tokenizer leaves it."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     vocab = metadata.get(f"{metadata.get('general.architecture')}.vocab_size")
-    size = vocab if config_checks.is_int(vocab) else len(tokens) if isinstance(tokens, list) and tokens else None
+    listed = isinstance(tokens, (list, GGUFStrings)) and len(tokens) > 0
+    size = vocab if config_checks.is_int(vocab) else len(tokens) if listed else None
     for key, name in _TOKEN_ID_KEYS.items():
         value = config.get(name)
         if size is not None and value is not None and not 0 <= value < size:

@@ -9,6 +9,9 @@ Files come from strangers, so every size is checked before it is used: counts an
 the bytes left in the file, at most 4 dimensions per tensor (ggml's limit), arrays nested at most
 `MAX_NESTING` deep and holding at most `MAX_METADATA_ELEMENTS` values in all, unique keys and tensor
 names, and tensor data regions aligned, inside the file and not overlapping.
+
+The vocabulary arrays (`LAZY_STRING_ARRAYS`) pass the same checks during the parse but are held as
+`GGUFStrings`, whose Python strings are built when read: the model loader never reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tokenloom.errors import GGUFFormatError, ModelNotFoundError
+from tokenloom.loading.gguf_arrays import GGUFStrings
 
 GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp stopped writing it in 2023
@@ -50,6 +54,9 @@ MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a deeper file is an 
 MAX_METADATA_ELEMENTS = 1 << 23  # all array elements together (Gemma 3: 0.8M); each becomes a Python object
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
+# String arrays held as `GGUFStrings` (checked now, built when read): the vocabulary, which only the
+# tokenizer reads. Every other array is a list, as the config mapping and its checks expect.
+LAZY_STRING_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges"})
 
 
 @dataclass(frozen=True)
@@ -82,12 +89,17 @@ class GGUFFile:
         """The tensor's bytes as stored (uint8, a view of the map)."""
         return self.data[info.offset : info.offset + info.nbytes]
 
+    def layout(self) -> dict[str, np.ndarray]:
+        """The element lengths of each lazily built array, which let `read_gguf` skip walking them."""
+        return {key: value.lengths() for key, value in self.metadata.items() if isinstance(value, GGUFStrings)}
+
 
 class _Cursor:
     """Bounds-checked little-endian reads from the file's buffer."""
 
-    def __init__(self, buffer: np.ndarray, path: Path) -> None:
+    def __init__(self, buffer: np.ndarray, path: Path, layout: dict[str, np.ndarray] | None = None) -> None:
         self.buffer = buffer
+        self.layout = layout or {}  # element lengths of the lazy arrays from an earlier parse (hints)
         self.size = buffer.shape[0]
         self.view = memoryview(buffer)
         self.path = path
@@ -178,7 +190,12 @@ class _Cursor:
             if element_type == _STRING:
                 self.need_items(count, 8, f"metadata array {key!r}")
                 self.count_elements(count, key)
-                return self.strings(count, key)
+                if depth == 0 and key in LAZY_STRING_ARRAYS:
+                    parsed = GGUFStrings.parse(self.view, self.pos, count, self.layout.get(key))
+                    if parsed is not None:
+                        strings, self.pos = parsed
+                        return strings
+                return self.strings(count, key)  # eagerly, naming the element at fault
             if element_type == _ARRAY:
                 self.need_items(count, 12, f"metadata array {key!r}")
                 self.count_elements(count, key)
@@ -223,20 +240,23 @@ def open_memmap(path: Path) -> np.ndarray:
         raise GGUFFormatError(f"{path}: cannot map the file ({exc})") from exc
 
 
-def read_gguf(path: Path) -> GGUFFile:
-    """Parse a GGUF file's header and map its data. Raises `GGUFFormatError` / `ModelNotFoundError`."""
+def read_gguf(path: Path, layout: dict[str, np.ndarray] | None = None) -> GGUFFile:
+    """Parse a GGUF file's header and map its data. Raises `GGUFFormatError` / `ModelNotFoundError`.
+
+    `layout` (`GGUFFile.layout()` of an earlier parse of the file) spares walking the vocabulary arrays
+    where it still fits the file, which is checked; it never changes the result."""
     path = Path(path)
     data = open_memmap(path)
     try:
-        return _parse(path, data)
+        return _parse(path, data, layout)
     except GGUFFormatError:
         raise
     except (struct.error, ValueError, OverflowError, MemoryError) as exc:
         raise GGUFFormatError(f"{path}: corrupt GGUF header ({exc})") from exc
 
 
-def _parse(path: Path, data: np.ndarray) -> GGUFFile:
-    cursor = _Cursor(data, path)
+def _parse(path: Path, data: np.ndarray, layout: dict[str, np.ndarray] | None = None) -> GGUFFile:
+    cursor = _Cursor(data, path, layout)
     cursor.pos = 4
     (version,) = cursor.unpack("I", "version")
     if version not in _SUPPORTED_VERSIONS:

@@ -5,8 +5,11 @@ ids, added tokens and decoding agree with `AutoTokenizer.from_pretrained(dir, gg
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import lru_cache
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import compress, count, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from tokenloom.errors import ModelLoadError, TokenizerError
+from tokenloom.loading import tokenizer_cache
 from tokenloom.loading.checkpoint import TokenizerData
+from tokenloom.loading.gguf_arrays import GGUFStrings
 from tokenloom.loading.gguf_cache import parsed_gguf
 from tokenloom.loading.gguf_tokenizer_checks import check_tokenizer_metadata
+from tokenloom.loading.gguf_vocab import byte_level_vocab, bytes_to_unicode, file_merges
+
+logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _SPACE = "\u2581"
@@ -67,83 +75,21 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table for byte-level BPE vocabularies."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+Vocab = dict[str, int]
+Merges = list[tuple[str, str]]
 
 
-# The merge rebuild slices every token at every position: sum(len * (len - 1)) characters. Gemma 3's
-# 262k vocabulary needs 9.3M; a crafted one ('a', 'aa', ... 2000 long) 2.7G and ~2M merges.
-MAX_MERGE_REBUILD_CHARS = 64_000_000
+def _byte_level_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]:
+    """GPT2Tokenizer: tokens outside the byte alphabet are respelled in it."""
+    vocab = byte_level_vocab(tokens)
+    return vocab, file_merges(md, tokens, vocab=vocab)
 
 
-def generate_merges(
-    vocab: dict[str, int], vocab_scores: dict[str, float] | None = None
-) -> list[tuple[str, str]]:
-    """BPE merges implied by a vocabulary (transformers' `generate_merges`): every split of a token into
-    two vocabulary tokens, ordered by the token's score (best first) or by id when there are no scores.
-    Refuses (TokenizerError) a vocabulary whose rebuild would slice more than MAX_MERGE_REBUILD_CHARS
-    characters, before starting."""
-    work = sum(len(token) * (len(token) - 1) for token in vocab)
-    if work > MAX_MERGE_REBUILD_CHARS:
-        longest = max(vocab, key=len)
-        raise TokenizerError(
-            f"rebuilding BPE merges from this vocabulary of {len(vocab)} tokens would slice {work} characters "
-            f"(limit MAX_MERGE_REBUILD_CHARS={MAX_MERGE_REBUILD_CHARS}); its longest token has {len(longest)} "
-            "characters, real vocabularies' a few dozen",
-        )
-    reverse = vocab_scores is not None
-    scores = dict(vocab_scores) if vocab_scores is not None else vocab
-    merges: list[tuple[str, str, float]] = []
-    for merge, score in scores.items():
-        local = []
-        for i in range(1, len(merge)):
-            left = merge[:i]
-            if left in vocab:
-                right = merge[i:]
-                if right in vocab:
-                    local.append((left, right, score))
-        if len(local) > 1:
-            local.sort(key=lambda item: (vocab[item[0]], vocab[item[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda item: (item[2], len(item[0]), len(item[1])), reverse=reverse)
-    return [(left, right) for left, right, _ in merges]
-
-
-def _merges(
-    md: dict[str, Any], tokens: list[str], vocab_scores: dict[str, float] | None = None
-) -> list[tuple[str, str]]:
-    if "tokenizer.ggml.merges" in md:
-        return _parsed_merges(md["tokenizer.ggml.merges"])
-    if vocab_scores is None and "tokenizer.ggml.scores" in md:
-        vocab_scores = dict(zip(tokens, md["tokenizer.ggml.scores"], strict=False))
-    return generate_merges({token: index for index, token in enumerate(tokens)}, vocab_scores)
-
-
-def _byte_level(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    """GPT2Tokenizer: byte-level BPE; tokens outside the byte alphabet are respelled in it."""
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {
-        token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
-        for index, token in enumerate(tokens)
-    }
+def _byte_level(vocab: Vocab, merges: Merges) -> Tokenizer:
+    """GPT2Tokenizer: byte-level BPE."""
     model = BPE(
         vocab=vocab,
-        merges=_merges(md, tokens),
+        merges=merges,
         dropout=None,
         continuing_subword_prefix="",
         end_of_word_suffix="",
@@ -155,12 +101,15 @@ def _byte_level(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def _sentencepiece(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
+def _plain_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]:
+    """The tokens as they are, and the file's merges (or ones rebuilt by score)."""
+    vocab = dict(zip(tokens, range(len(tokens))))  # a later duplicate wins
+    return vocab, file_merges(md, tokens, vocab=vocab)
+
+
+def _sentencepiece(vocab: Vocab, merges: Merges) -> Tokenizer:
     """LlamaTokenizer: BPE with byte fallback, a Metaspace prefix on the first word."""
-    vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = Tokenizer(
-        BPE(vocab=vocab, merges=_merges(md, tokens), fuse_unk=True, byte_fallback=True, dropout=None)
-    )
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     tokenizer.normalizer = None
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement=_SPACE, prepend_scheme="first", split=False
@@ -176,7 +125,7 @@ def _sentencepiece(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def _gemma_model(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+def _gemma_model(vocab: Vocab, merges: Merges) -> Tokenizer:
     """GemmaTokenizer: spaces become U+2581 in a normalizer, and the text is split after each one."""
     tokenizer = Tokenizer(
         BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", dropout=None, byte_fallback=True)
@@ -189,22 +138,18 @@ def _gemma_model(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokeni
     return tokenizer
 
 
-def _gemma(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
+def _gemma_inputs(md: dict[str, Any], tokens: list[str]) -> tuple[Vocab, Merges]:
     """Gemma 1-3 files: whitespace-run tokens are stored as real spaces and there are no merges; the
     merges are rebuilt with the file's token order (not its scores) as the priority."""
     respelled = [_SPACE * len(token) if " " in token and not token.strip() else token for token in tokens]
-    positions = {token: -index for index, token in enumerate(respelled)}
-    vocab = {token: index for index, token in enumerate(respelled)}
-    return _gemma_model(vocab, _merges(md, respelled, positions))
+    positions = dict(zip(respelled, range(0, -len(respelled), -1)))
+    vocab = dict(zip(respelled, range(len(respelled))))
+    return vocab, file_merges(md, respelled, positions, vocab)
 
 
-def _gemma4(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    return _gemma_model({token: index for index, token in enumerate(tokens)}, _merges(md, tokens))
-
-
-def _phi3(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
+def _phi3(vocab: Vocab, merges: Merges) -> Tokenizer:
     """Sentencepiece with the prefix space added by a normalizer instead of Metaspace."""
-    tokenizer = _sentencepiece(md, tokens)
+    tokenizer = _sentencepiece(vocab, merges)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Prepend(prepend=_SPACE), normalizers.Replace(" ", _SPACE)]
     )
@@ -212,67 +157,67 @@ def _phi3(md: dict[str, Any], tokens: list[str]) -> Tokenizer:
     return tokenizer
 
 
-_SENTENCEPIECE_BY_ARCH: dict[str, Callable[[dict[str, Any], list[str]], Tokenizer]] = {
-    "gemma": _gemma,
-    "gemma2": _gemma,
-    "gemma3": _gemma,
-    "phi3": _phi3,
+@dataclass(frozen=True)
+class _Builder:
+    """One tokenizer class: the BPE vocabulary and merges it derives from the file's tokens (the slow
+    part, which `tokenizer_cache` keeps) and the tokenizer it assembles around them."""
+
+    name: str
+    inputs: Callable[[dict[str, Any], list[str]], tuple[Vocab, Merges]]
+    assemble: Callable[[Vocab, Merges], Tokenizer]
+    special_tokens: tuple[str, ...] = ()  # named special tokens beyond bos/eos/unk/pad (GemmaTokenizer's mask)
+
+
+_BYTE_LEVEL = _Builder("gpt2", _byte_level_inputs, _byte_level)
+_SENTENCEPIECE = _Builder("llama", _plain_inputs, _sentencepiece)
+_GEMMA = _Builder("gemma", _gemma_inputs, _gemma_model, ("<mask>",))
+_SENTENCEPIECE_BY_ARCH = {
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "phi3": _Builder("phi3", _plain_inputs, _phi3),
 }
-_BY_TYPE: dict[str, Callable[[dict[str, Any], list[str]], Tokenizer]] = {
-    "gpt2": _byte_level,
-    "llama": _sentencepiece,
-    "gemma4": _gemma4,
+_BY_TYPE = {
+    "gpt2": _BYTE_LEVEL,
+    "llama": _SENTENCEPIECE,
+    "gemma4": _Builder("gemma4", _plain_inputs, _gemma_model, ("<mask>",)),
 }
-# Named special tokens a tokenizer class defines beyond bos/eos/unk/pad (GemmaTokenizer's mask).
-_CLASS_SPECIAL_TOKENS = {_gemma: ["<mask>"], _gemma4: ["<mask>"]}
 
 
 def _add_file_special_tokens(
-    tokenizer: Tokenizer, md: dict[str, Any], tokens: list[str], byte_level: bool
-) -> dict[str, int]:
+    tokenizer: Tokenizer, md: dict[str, Any], tokens: Sequence[str], byte_level: bool
+) -> None:
     """Control tokens become special added tokens and user-defined ones plain added tokens, so both
     encode whole. A byte-level 'control' token spelled outside the byte alphabet is a llama.cpp mislabel
-    and is skipped, as transformers does. Returns the vocabulary, added tokens included."""
+    and is skipped, as transformers does. (A type list longer or shorter than the vocabulary is cut to
+    the shorter of the two, as zip does.)"""
     token_types = md.get("tokenizer.ggml.token_type") or []
+    # the ids of every type from control on, at C speed (10^5 types, nearly all normal)
+    marked = list(compress(count(), map(operator.ge, islice(token_types, len(tokens)), repeat(_CONTROL))))
     alphabet = set(bytes_to_unicode().values()) if byte_level else None
     control = [
         AddedToken(token, normalized=False, special=True)
-        for token, kind in zip(tokens, token_types, strict=False)
-        if kind == _CONTROL and (alphabet is None or set(token) <= alphabet)
+        for token in (tokens[index] for index in marked if token_types[index] == _CONTROL)
+        if alphabet is None or set(token) <= alphabet
     ]
     if control:
         tokenizer.add_special_tokens(control)
-    vocab = tokenizer.get_vocab()
     user_defined = [
         AddedToken(token, normalized=False, special=False)
-        for token, kind in zip(tokens, token_types, strict=False)
-        if kind == _USER_DEFINED and token in vocab
+        for token in (tokens[index] for index in marked if token_types[index] == _USER_DEFINED)
+        if tokenizer.token_to_id(token) is not None
     ]
     if user_defined:
         tokenizer.add_tokens(user_defined)
-        vocab = tokenizer.get_vocab()
-    return vocab
 
 
-def _template(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, vocab: dict[str, int]) -> Any:
+def _template(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, tokenizer: Tokenizer) -> Any:
     """TemplateProcessing as transformers' `update_post_processor` writes it."""
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    special = [(token, vocab.get(token)) for token, add in ((bos, add_bos), (eos, add_eos)) if add]
+    special = [(token, tokenizer.token_to_id(token)) for token, add in ((bos, add_bos), (eos, add_eos)) if add]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-
-
-def _parsed_merges(merges: list[str]) -> list[tuple[str, str]]:
-    parsed = []
-    for index, merge in enumerate(merges):
-        parts = merge.split(" ")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TokenizerError(
-                f"tokenizer.ggml.merges[{index}] = {merge[:80]!r} is not two tokens separated by one space"
-            )
-        parsed.append((parts[0], parts[1]))
-    return parsed
 
 
 def load_gguf_tokenizer(path: Path) -> TokenizerData:
@@ -287,6 +232,16 @@ def load_gguf_tokenizer(path: Path) -> TokenizerData:
         return _load(path, md)
     except TokenizerError as exc:
         raise TokenizerError(f"{path}: {exc}", hint=exc.hint) from exc
+
+
+def _assemble_cached(builder: _Builder, cached: tuple[Vocab, Merges]) -> Tokenizer | None:
+    """The tokenizer assembled from a cache entry's vocabulary and merges; None if they do not make one
+    (an entry written by hand: the file's own metadata decides then)."""
+    try:
+        return builder.assemble(*cached)
+    except Exception:  # noqa: BLE001 - tokenizers raises bare Exceptions; any failure means "rebuild"
+        logger.debug("a tokenizer cache entry does not make a %s tokenizer; rebuilding it", builder.name)
+        return None
 
 
 def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
@@ -305,9 +260,15 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
             hint=f"supported tokenizer.ggml.model values: {', '.join(sorted(_BY_TYPE))}",
         )
     byte_level = tokenizer_type == "gpt2"
+    entry = tokenizer_cache.entry_for(path, builder.name, len(tokens))
+    cached = tokenizer_cache.load(entry) if entry is not None else None
+    tokenizer = _assemble_cached(builder, cached) if cached is not None else None
     try:
-        tokenizer = builder(md, tokens)
-        vocab = _add_file_special_tokens(tokenizer, md, tokens, byte_level)
+        if tokenizer is None:  # no sound cache entry: derive the vocabulary from the file
+            cached = None
+            vocab, merges = builder.inputs(md, tokens.tolist() if isinstance(tokens, GGUFStrings) else tokens)
+            tokenizer = builder.assemble(vocab, merges)
+        _add_file_special_tokens(tokenizer, md, tokens, byte_level)
     except TokenizerError:
         raise
     except Exception as exc:  # tokenizers raises bare Exceptions (merges naming unknown tokens, ...)
@@ -340,9 +301,9 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
         named["eos"],
         named["unk"],
         named["pad"],
-        *_CLASS_SPECIAL_TOKENS.get(builder, []),
+        *builder.special_tokens,
     ]:
-        if token is not None and token not in added and token in vocab:
+        if token is not None and token not in added and tokenizer.token_to_id(token) is not None:
             tokenizer.add_special_tokens([AddedToken(token, special=True)])
             added.add(token)
 
@@ -355,12 +316,12 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
     add_bos = bool(add_bos) and named["bos"] is not None
     add_eos = add_eos and named["eos"] is not None
     try:
-        tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, vocab)
+        tokenizer.post_processor = _template(named["bos"], named["eos"], add_bos, add_eos, tokenizer)
     except Exception as exc:  # a special token whose id the rebuilt vocabulary does not have
         raise TokenizerError(
             f"the BOS/EOS tokens {named['bos']!r}/{named['eos']!r} are not in the rebuilt vocabulary: {exc}"
         ) from exc
-    return TokenizerData(
+    data = TokenizerData(
         tokenizer=tokenizer,
         bos_token=named["bos"],
         eos_token=named["eos"],
@@ -372,3 +333,6 @@ def _load(path: Path, md: dict[str, Any]) -> TokenizerData:
         model_max_length=None,
         extra={"tokenizer_type": tokenizer_type, "pre_tokenizer_type": md.get("tokenizer.ggml.pre")},
     )
+    if entry is not None and cached is None:  # only a file that made a tokenizer is cached
+        tokenizer_cache.store(entry, vocab, merges)
+    return data

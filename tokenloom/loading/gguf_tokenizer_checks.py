@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenloom.errors import TokenizerError
+from tokenloom.loading.gguf_arrays import GGUFStrings
 
 
 def _is_int(value: Any) -> bool:
@@ -34,6 +35,8 @@ def _check_metadata(md: dict[str, Any]) -> None:
         # exact types (a bool is not an integer here), collected at C speed: vocabularies have 10^5 items
         if key in md:
             value = md[key]
+            if isinstance(value, GGUFStrings) and str in types:
+                return  # a string array of the file, each element checked by the parse
             if not isinstance(value, list) or not set(map(type, value)) <= types:
                 raise bad(key, expected)
 
