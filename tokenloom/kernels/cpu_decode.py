@@ -25,7 +25,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-import torch
+from tokenloom.home import tokenloom_home
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ _SIGNATURES = {
 }
 
 
-def dtype_code(dtype: torch.dtype) -> int:
-    if dtype == torch.float32:
-        return FLOAT32
-    if dtype == torch.bfloat16:
-        return BFLOAT16
-    raise ValueError(f"the fused decode ops take float32 or bfloat16, not {dtype}")
-
-
 class CpuDecodeOps:
     """The compiled library's functions (see cpu_decode.c for what each computes)."""
 
@@ -77,11 +69,6 @@ class CpuDecodeOps:
         self.dequant_q4 = library.tl_dequant_q4
         self.pack_q4 = library.tl_pack_q4
         self._library = library  # keeps the handle open
-
-
-def _home() -> Path:
-    env = os.environ.get("TOKENLOOM_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tokenloom"
 
 
 def _compiler() -> str | None:
@@ -130,7 +117,7 @@ def _build() -> CpuDecodeOps | None:
         logger.info("no C compiler on the PATH: the decode step uses torch ops (set CC to enable the fused ops)")
         return None
     key = hashlib.sha256(source + compiler.encode() + _cpu_key().encode()).hexdigest()[:16]
-    target = _home() / "kernels" / f"cpu_decode-{key}.so"
+    target = tokenloom_home() / "kernels" / f"cpu_decode-{key}.so"
     try:
         if not target.exists():
             _compile(source, compiler, target)

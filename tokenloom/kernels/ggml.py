@@ -29,12 +29,14 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _native(blocks: torch.Tensor, out: torch.Tensor):  # type: ignore[no-untyped-def]
-    """The C ops when they can take these tensors (CPU, contiguous uint8 blocks of a whole block each,
-    float32 out of 32 values per block), else None."""
+def _native(blocks: torch.Tensor, out: torch.Tensor, qtype: Q):  # type: ignore[no-untyped-def]
+    """The C ops when they can take these tensors (CPU, contiguous uint8 blocks of `qtype`, float32
+    out of 32 values per block), else None."""
     if blocks.device.type != "cpu" or out.dtype != torch.float32 or torch.compiler.is_compiling():
         return None
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or out.numel() != blocks.shape[0] * 32:
+        return None
+    if blocks.shape[1] != GGML_QUANT_SIZES[qtype][1]:
         return None
     if not (blocks.is_contiguous() and out.is_contiguous()):
         return None
@@ -44,7 +46,7 @@ def _native(blocks: torch.Tensor, out: torch.Tensor):  # type: ignore[no-untyped
 
 
 def _dequantize_q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    native = _native(blocks, out) if blocks.shape[-1] == 34 else None
+    native = _native(blocks, out, Q.Q8_0)
     if native is not None:
         native.dequant_q8_0(blocks.data_ptr(), blocks.shape[0], out.data_ptr())
         return
@@ -63,7 +65,7 @@ def _unpack_nibbles_into(out: torch.Tensor, packed: torch.Tensor, group: int) ->
 
 
 def _dequantize_q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    native = _native(blocks, out) if blocks.shape[-1] == 18 else None
+    native = _native(blocks, out, Q.Q4_0)
     if native is not None:
         native.dequant_q4(blocks.data_ptr(), blocks.shape[0], 0, out.data_ptr())
         return
@@ -72,7 +74,7 @@ def _dequantize_q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _dequantize_q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    native = _native(blocks, out) if blocks.shape[-1] == 20 else None
+    native = _native(blocks, out, Q.Q4_1)
     if native is not None:
         native.dequant_q4(blocks.data_ptr(), blocks.shape[0], 1, out.data_ptr())
         return

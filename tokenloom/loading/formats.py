@@ -24,7 +24,7 @@ from itertools import groupby
 from typing import Any
 
 import torch
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from tokenloom.device import WeightPlan
@@ -161,7 +161,7 @@ def _native_pack(
     if ops is None:
         return None
     raw = torch.cat([b.rows for b in blocks]) if len(blocks) > 1 else blocks[0].rows.contiguous()
-    block_bytes = 20 if kind == GGMLQuantizationType.Q4_1 else 18
+    block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)][1]
     if raw.dtype != torch.uint8 or raw.numel() != rows * (cols // AFFINE_GROUP) * block_bytes:
         return None  # not the bytes these shapes need: the torch route names the problem
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)

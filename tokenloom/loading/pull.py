@@ -31,6 +31,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from tokenloom.errors import ChecksumError, PullError
+from tokenloom.home import tokenloom_home
 from tokenloom.loading.pip_download import download_wheel as _download_wheel
 from tokenloom.loading.pip_download import pip_command
 from tokenloom.loading.pull_registry import (
@@ -58,14 +59,6 @@ _CHUNK_SIZE = 1 << 20
 _TMP_PREFIX = ".pull-"
 _PARTIAL_SUFFIX = ".partial"
 _LEGACY_LOCK = ".lock"  # earlier versions locked a file inside the model directory
-
-
-def tokenloom_home() -> Path:
-    """The cache root: `$TOKENLOOM_HOME`, or `~/.cache/tokenloom`."""
-    env = os.environ.get("TOKENLOOM_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "tokenloom"
 
 
 def _spec(name: str) -> tuple[str, PullSpec]:

@@ -137,7 +137,7 @@ class FusedDecode:
         kernel = [rows <= linear.max_kernel_rows or not linear.keeps_dense
                   for linear in (first.qkv, first.o, first.gate_up, first.down)]
         dtypes = [torch.bfloat16 if k else torch.float32 for k in kernel]
-        codes = [BFLOAT16 if k else FLOAT32 for k in kernel]
+        codes = [BFLOAT16 if k else FLOAT32 for k in kernel]  # a projection's input and output dtype
         normed = torch.empty(rows, hidden_size, dtype=dtypes[0])
         normed2 = torch.empty(rows, hidden_size, dtype=dtypes[2])
         query = torch.empty(rows, heads, head_dim)
@@ -149,7 +149,7 @@ class FusedDecode:
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache.keys[layer.index], kv_cache.values[layer.index]
             qkv = self._project(layer.qkv, normed, kernel[0])
-            ops.rope_write(qkv.data_ptr(), BFLOAT16 if kernel[0] else FLOAT32, rows, heads, kv_heads, head_dim,
+            ops.rope_write(qkv.data_ptr(), codes[0], rows, heads, kv_heads, head_dim,
                            cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                            slots.data_ptr(), q_ptr)
             if use_c_attention:
@@ -162,14 +162,14 @@ class FusedDecode:
                 out = _attend(query, kv_cache, layer.index, group, self.scale, kv_heads != heads)
                 attended.copy_(out.reshape(rows, heads * head_dim))
             o = self._project(layer.o, attended, kernel[1])
-            ops.add_rmsnorm(h_ptr, o.data_ptr(), BFLOAT16 if kernel[1] else FLOAT32, layer.ln2.weight.data_ptr(),
+            ops.add_rmsnorm(h_ptr, o.data_ptr(), codes[1], layer.ln2.weight.data_ptr(),
                             layer.ln2.eps, rows, hidden_size, normed2.data_ptr(), codes[2])
             gate_up = self._project(layer.gate_up, normed2, kernel[2])
-            ops.silu_mul(gate_up.data_ptr(), BFLOAT16 if kernel[2] else FLOAT32, rows, self.intermediate,
+            ops.silu_mul(gate_up.data_ptr(), codes[2], rows, self.intermediate,
                          act.data_ptr(), codes[3])
             down = self._project(layer.down, act, kernel[3])
             nxt = self.layers[i + 1] if i < last else None
-            ops.add_rmsnorm(h_ptr, down.data_ptr(), BFLOAT16 if kernel[3] else FLOAT32,
+            ops.add_rmsnorm(h_ptr, down.data_ptr(), codes[3],
                             nxt.ln1.weight.data_ptr() if nxt else None, nxt.ln1.eps if nxt else 0.0, rows, hidden_size,
                             normed.data_ptr() if nxt else None, codes[0])
         return model.model.norm(hidden)
