@@ -26,6 +26,10 @@ class EngineConfig:
         decode-only steps have run eagerly (a long-running server gains, a one-off generate pays
         nothing), False (the default) never. Needs a C++ compiler on the CPU; eager otherwise.
     compile_after: see compile=None.
+    enable_prefix_caching: keep the KV blocks of computed prefixes (keyed by a chained hash of their
+        tokens) and start each new request from the longest cached prefix of its tokens; freed blocks
+        keep their contents until the pool needs them (LRU). Same tokens as a cold run. The server
+        and `tokenloom chat` turn it on; the library leaves it off unless asked.
     """
 
     block_size: int = 16
@@ -36,6 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None
     compile: bool | None = False
     compile_after: int = 256
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         _require_positive("block_size", self.block_size)
@@ -56,6 +61,8 @@ class EngineConfig:
             _require_positive("max_model_len", self.max_model_len)
         if self.compile not in (True, False, None):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if not isinstance(self.compile_after, int) or isinstance(self.compile_after, bool) or self.compile_after < 0:
             raise ValueError(f"compile_after must be an integer >= 0, got {self.compile_after!r}")
 
