@@ -18,7 +18,8 @@ from tokenloom.cli import main
 QUICK_HEADER = ["load (s)", "decode tok/s, 1 stream", "decode tok/s, 4 concurrent x 16",
                 "prefill tok/s, 64-token prompt", "decode tok/s at 512 context", "chat turn 2, first token (ms)",
                 "64-token document, question 1: first token (ms)",
-                "same document, question 2 (prefix cache): first token (ms)", "question 2 / question 1 first token"]
+                "same document, question 2 (prefix cache): first token (ms)", "question 2 / question 1 first token",
+                "question 2 prompt tokens from the cache"]
 QUICK = Settings(concurrency=4, new_tokens=16, prompt_tokens=64, repeats=1, long_context=512, shared_prefix=64)
 
 
@@ -71,7 +72,7 @@ def test_bench_quick_without_transformers(smollm2_gguf, tmp_path, capsys):
         values = data["results"][name]
         assert set(values) == {"load_s", "decode_1_tok_s", "decode_batch_tok_s", "prefill_tok_s",
                                "decode_long_tok_s", "turn2_ttft_ms", "prefix_turn1_ms", "prefix_turn2_ms",
-                               "prefix_ratio"}
+                               "prefix_ratio", "prefix_hit_rate"}
         assert all(v > 0 for v in values.values())
     assert set(data["ratios_of_default"]) == {"tokenloom (fp32 exact)"}
 

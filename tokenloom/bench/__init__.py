@@ -107,10 +107,11 @@ def _measure(runners: list[Any], peers: list[Any], s: Settings, encode: Any) -> 
         for r in runners:
             if hasattr(r, "prefix_turns"):
                 progress(f"{r.name}: two questions on a {s.shared_prefix}-token document ({of})")
-                first, second = r.prefix_turns(document, n)
+                first, second, cached = r.prefix_turns(document, n)
                 rows[r.name].keep("prefix_turn1_ms", 1000 * first)
                 rows[r.name].keep("prefix_turn2_ms", 1000 * second)
                 rows[r.name].keep("prefix_ratio", second / first)
+                rows[r.name].keep("prefix_hit_rate", cached)
         for p in peers:
             progress(f"{p.name}: {of}")
             _measure_peer(p, rows[p.name], s, prompts, round_)

@@ -38,6 +38,7 @@ COLUMNS: dict[str, tuple[str, str, bool]] = {
     "prefix_turn1_ms": ("{shared_prefix}-token document, question 1: first token (ms)", "{:.0f}", False),
     "prefix_turn2_ms": ("same document, question 2 (prefix cache): first token (ms)", "{:.0f}", False),
     "prefix_ratio": ("question 2 / question 1 first token", "{:.2f}", False),
+    "prefix_hit_rate": ("question 2 prompt tokens from the cache", "{:.2f}", True),
 }
 
 

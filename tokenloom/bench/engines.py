@@ -47,9 +47,10 @@ class TokenloomRunner:
     def prefill(self, ids: list[int]) -> float:
         return timed(lambda: self._stamps(ids, 1))[1]
 
-    def prefix_turns(self, prefix_ids: list[int], n: int) -> tuple[float, float]:
+    def prefix_turns(self, prefix_ids: list[int], n: int) -> tuple[float, float, float]:
         """Seconds to the first token of two questions on one document (`prefix_ids`), the second asked
-        after the first's answer, with the prefix cache on: the second computes only its new tokens."""
+        after the first's answer, with the prefix cache on: the second computes only its new tokens.
+        Also the share of the second prompt's tokens the cache supplied."""
         blocks = self.llm.engine.block_manager
         blocks.enable_prefix_caching = True
         try:
@@ -62,10 +63,12 @@ class TokenloomRunner:
             turn2 = turn1 + answer + self.encode(f"\nQuestion: {CHAT_SECOND}\nAnswer:")
             first = stamps[0] - start
             start = time.perf_counter()
-            second = self._stamps(turn2, 1)[0] - start
+            outs = list(self.llm.stream(turn2, self._params(1)))
+            second = time.perf_counter() - start
+            cached = outs[-1].metrics.num_cached_tokens / len(turn2)
         finally:
             blocks.enable_prefix_caching = False  # the other phases measure cold prompts
-        return first, second
+        return first, second, cached
 
     def turn2_ttft(self) -> float:
         """Seconds to the first token of a chat's second turn (the first turn generated before)."""
