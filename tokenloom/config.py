@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenloom.speculative_config import SpeculativeConfig
+
 # The model `tokenloom generate`, `chat` and `bench` use when none is named (a `tokenloom pull` name).
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -26,6 +28,8 @@ class EngineConfig:
         decode-only steps have run eagerly (a long-running server gains, a one-off generate pays
         nothing), False (the default) never. Needs a C++ compiler on the CPU; eager otherwise.
     compile_after: see compile=None.
+    speculative: speculative decoding for every request that does not set its own
+        (`SamplingParams.speculative`); None (the default) decodes one token per step.
     """
 
     block_size: int = 16
@@ -36,6 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None
     compile: bool | None = False
     compile_after: int = 256
+    speculative: SpeculativeConfig | None = None  # spec decoding (issue 12)
 
     def __post_init__(self) -> None:
         _require_positive("block_size", self.block_size)
@@ -58,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}")
         if not isinstance(self.compile_after, int) or isinstance(self.compile_after, bool) or self.compile_after < 0:
             raise ValueError(f"compile_after must be an integer >= 0, got {self.compile_after!r}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
 
 
 def _require_positive(name: str, value: int) -> None:
