@@ -280,3 +280,38 @@ def test_smollm2_stop_string_inside_an_accepted_run(smollm2, one_torch_thread):
     ]
     assert results[0].finish_reason == "stop"
     assert (results[1].text, results[1].token_ids) == (results[0].text, results[0].token_ids)
+
+
+# ---------------------------------------------------------------- transformers' generate() names
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_pair(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from tokenloom import AutoModelForCausalLM
+
+    models = []
+    for seed, layers in ((0, 2), (1, 1)):
+        torch.manual_seed(seed)
+        config = transformers.LlamaConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2, pad_token_id=0,
+        )
+        path = tmp_path_factory.mktemp(f"spec_hf_{seed}")
+        transformers.LlamaForCausalLM(config).save_pretrained(path)
+        models.append(AutoModelForCausalLM.from_pretrained(str(path)))
+    return models
+
+
+def test_generate_takes_prompt_lookup_num_tokens_and_assistant_model(hf_tiny_pair):
+    target, assistant = hf_tiny_pair
+    inputs = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9, 10, 11, 9]])
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    plain = target.generate(inputs, **kwargs)
+    assert torch.equal(target.generate(inputs, prompt_lookup_num_tokens=4, max_matching_ngram_size=3, **kwargs), plain)
+    assert torch.equal(target.generate(inputs, assistant_model=assistant, **kwargs), plain)
+    assert target.engine.speculative_stats.num_verified_rows > 0
+    with pytest.raises(ValueError, match="cannot be combined with beam search"):
+        target.generate(inputs, prompt_lookup_num_tokens=4, num_beams=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="cannot be combined with beam search"):
+        target.generate(inputs, assistant_model=assistant, num_beams=2, max_new_tokens=4)
