@@ -315,3 +315,12 @@ def test_generate_takes_prompt_lookup_num_tokens_and_assistant_model(hf_tiny_pai
         target.generate(inputs, prompt_lookup_num_tokens=4, num_beams=2, max_new_tokens=4)
     with pytest.raises(ValueError, match="cannot be combined with beam search"):
         target.generate(inputs, assistant_model=assistant, num_beams=2, max_new_tokens=4)
+
+
+def test_the_speculative_l0_and_l1_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tokenloom.speculative_config, tokenloom.engine.prompt_lookup; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

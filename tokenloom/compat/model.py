@@ -34,6 +34,7 @@ from tokenloom.engine.engine import Engine
 from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.generation_settings import UNSUPPORTED_GENERATE_ARGS, DecodingPlan, warn_if_default_length
 from tokenloom.loading import LoadedModel, load_model
+from tokenloom.models.base import CausalLM
 from tokenloom.speculative_config import SpeculativeConfig
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
 
@@ -246,7 +247,13 @@ class TokenloomForCausalLM(EngineModule):
         """transformers' assistant_model: the draft model of speculative decoding (5 tokens a step)."""
         if plan.is_beam_search:
             raise ValueError("assistant_model cannot be combined with beam search (num_beams > 1)")
-        self.engine.set_draft_model(getattr(assistant_model, "causal_lm", assistant_model))
+        draft = getattr(assistant_model, "causal_lm", assistant_model)
+        if not isinstance(draft, CausalLM):
+            raise ValueError(
+                f"assistant_model must be a model loaded by tokenloom's AutoModelForCausalLM, got "
+                f"{type(assistant_model).__name__}"
+            )
+        self.engine.set_draft_model(draft)
         speculative = SpeculativeConfig("draft_model", num_speculative_tokens=5)
         return dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, speculative=speculative))
 
