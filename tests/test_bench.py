@@ -16,8 +16,10 @@ from tokenloom.bench.report import ratios
 from tokenloom.cli import main
 
 QUICK_HEADER = ["load (s)", "decode tok/s, 1 stream", "decode tok/s, 4 concurrent x 16",
-                "prefill tok/s, 64-token prompt", "decode tok/s at 512 context", "chat turn 2, first token (ms)"]
-QUICK = Settings(concurrency=4, new_tokens=16, prompt_tokens=64, repeats=1, long_context=512)
+                "prefill tok/s, 64-token prompt", "decode tok/s at 512 context", "chat turn 2, first token (ms)",
+                "64-token document, question 1: first token (ms)",
+                "same document, question 2 (prefix cache): first token (ms)", "question 2 / question 1 first token"]
+QUICK = Settings(concurrency=4, new_tokens=16, prompt_tokens=64, repeats=1, long_context=512, shared_prefix=64)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,7 @@ def test_bench_quick_without_transformers(smollm2_gguf, tmp_path, capsys):
                  "OpenVINO GenAI skipped", "prefill excluded", "torch threads: 1", "peak RSS", "load average"):
         assert line in captured.out
     for phrase in ("torch threads: 1", "device: ", "tokenloom (default): decode", "tokenloom (fp32 exact): prefill",
-                   "decode at 512 context", "chat, second turn"):
+                   "decode at 512 context", "chat, second turn", "two questions on a 64-token document"):
         assert phrase in captured.err
 
     data = json.loads(out_json.read_text())
@@ -68,7 +70,8 @@ def test_bench_quick_without_transformers(smollm2_gguf, tmp_path, capsys):
     for name in ("tokenloom (default)", "tokenloom (fp32 exact)"):
         values = data["results"][name]
         assert set(values) == {"load_s", "decode_1_tok_s", "decode_batch_tok_s", "prefill_tok_s",
-                               "decode_long_tok_s", "turn2_ttft_ms"}
+                               "decode_long_tok_s", "turn2_ttft_ms", "prefix_turn1_ms", "prefix_turn2_ms",
+                               "prefix_ratio"}
         assert all(v > 0 for v in values.values())
     assert set(data["ratios_of_default"]) == {"tokenloom (fp32 exact)"}
 

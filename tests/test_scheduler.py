@@ -228,7 +228,8 @@ def test_window_preemption_recomputes_from_position_zero():
 def test_lower_layers_do_not_import_torch():
     code = (
         "import sys; import tokenloom.config, tokenloom.sampling_params, tokenloom.outputs, "
-        "tokenloom.engine.sequence, tokenloom.engine.scheduler, tokenloom.cache.block_manager; "
+        "tokenloom.engine.sequence, tokenloom.engine.scheduler, tokenloom.cache.block_manager, "
+        "tokenloom.cache.prefix_cache; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

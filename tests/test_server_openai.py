@@ -20,8 +20,11 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def a
 @pytest.fixture(scope="module")
 def server(one_torch_thread):
     from tokenloom import LLM
+    from tokenloom.config import EngineConfig
 
-    llm = LLM("smollm2-135m-instruct", dtype="float32")  # exact mode: a row's tokens do not depend on its batch
+    # exact mode: a row's tokens do not depend on its batch (nor on a prefix-cache hit); the prefix
+    # cache is on, as `tokenloom serve` has it
+    llm = LLM("smollm2-135m-instruct", dtype="float32", engine_config=EngineConfig(enable_prefix_caching=True))
     running = start_server(llm)
     yield running
     running.stop()
@@ -60,6 +63,25 @@ def test_chat_non_streamed_and_streamed_agree_and_usage_is_right(server, client)
     assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(server, client):
+    import httpx
+
+    system = {"role": "system", "content": "You answer in French, briefly, and never use lists. " * 4}
+    first = client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": "Hi"}],
+                                           max_tokens=4, temperature=0)
+    messages = [system, {"role": "user", "content": "Name a fruit."}]
+    second = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0)
+    shared = len(server.llm.tokenizer.encode(system["content"])) // 16 * 16
+    assert first.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= shared
+    text, _, _ = _alone(server, server.llm.chat_prompt(messages), 8)
+    assert second.choices[0].message.content == text
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("tokenloom:prefix_cache_hits ")]
+    assert hits and float(hits[0].split()[1]) >= shared
+    assert "tokenloom:prefix_cache_hit_rate" in metrics
 
 
 def test_completions_sync_and_async_streaming_and_not(server, client):

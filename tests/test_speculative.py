@@ -324,3 +324,16 @@ def test_the_speculative_l0_and_l1_modules_do_not_import_torch():
     code = "import sys, tokenloom.speculative_config, tokenloom.engine.prompt_lookup; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_speculation_with_the_prefix_cache_equals_plain_greedy(tiny_pair):
+    """Only accepted tokens are committed: a second pass over the same prompts hits the cache and
+    still decodes the plain greedy tokens."""
+    import dataclasses
+
+    target, drafts = tiny_pair
+    prompts = _tiny_prompts()
+    expected = _greedy(Engine(target, CONFIG), prompts, [None] * len(prompts))
+    engine = Engine(target, dataclasses.replace(CONFIG, enable_prefix_caching=True), draft_model=drafts["noisy"])
+    for spec in (LOOKUP, DRAFT, LOOKUP):
+        assert _greedy(engine, prompts, [spec] * len(prompts)) == expected

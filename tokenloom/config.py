@@ -28,6 +28,10 @@ class EngineConfig:
         decode-only steps have run eagerly (a long-running server gains, a one-off generate pays
         nothing), False (the default) never. Needs a C++ compiler on the CPU; eager otherwise.
     compile_after: see compile=None.
+    enable_prefix_caching: keep the KV blocks of computed prefixes (keyed by a chained hash of their
+        tokens) and start each new request from the longest cached prefix of its tokens; freed blocks
+        keep their contents until the pool needs them (LRU). Same tokens as a cold run. The server
+        and `tokenloom chat` turn it on; the library leaves it off unless asked.
     speculative: speculative decoding for every request that does not set its own
         (`SamplingParams.speculative`); None (the default) decodes one token per step.
     """
@@ -40,6 +44,7 @@ class EngineConfig:
     max_model_len: int | None = None
     compile: bool | None = False
     compile_after: int = 256
+    enable_prefix_caching: bool = False
     speculative: SpeculativeConfig | None = None  # spec decoding (issue 12)
 
     def __post_init__(self) -> None:
@@ -61,6 +66,8 @@ class EngineConfig:
             _require_positive("max_model_len", self.max_model_len)
         if self.compile not in (True, False, None):
             raise ValueError(f"compile must be True, False or None, got {self.compile!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if not isinstance(self.compile_after, int) or isinstance(self.compile_after, bool) or self.compile_after < 0:
             raise ValueError(f"compile_after must be an integer >= 0, got {self.compile_after!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):

@@ -43,6 +43,7 @@ class RequestMetrics:
     finished_time: float
     num_prompt_tokens: int
     num_generated_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def queue_time(self) -> float | None:

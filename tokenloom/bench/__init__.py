@@ -103,6 +103,14 @@ def _measure(runners: list[Any], peers: list[Any], s: Settings, encode: Any) -> 
         for r in runners:
             progress(f"{r.name}: chat, second turn ({of})")
             rows[r.name].keep("turn2_ttft_ms", 1000 * r.turn2_ttft())
+        document = long_prompt_ids(encode, s.shared_prefix, salt=200 + round_)  # cold every round
+        for r in runners:
+            if hasattr(r, "prefix_turns"):
+                progress(f"{r.name}: two questions on a {s.shared_prefix}-token document ({of})")
+                first, second = r.prefix_turns(document, n)
+                rows[r.name].keep("prefix_turn1_ms", 1000 * first)
+                rows[r.name].keep("prefix_turn2_ms", 1000 * second)
+                rows[r.name].keep("prefix_ratio", second / first)
         for p in peers:
             progress(f"{p.name}: {of}")
             _measure_peer(p, rows[p.name], s, prompts, round_)

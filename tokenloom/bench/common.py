@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-QUICK = {"concurrency": 4, "new_tokens": 16, "prompt_tokens": 64, "repeats": 1, "long_context": 512}
-FULL = {"concurrency": 32, "new_tokens": 128, "prompt_tokens": 500, "repeats": 2, "long_context": 4096}
+QUICK = {"concurrency": 4, "new_tokens": 16, "prompt_tokens": 64, "repeats": 1, "long_context": 512, "shared_prefix": 64}
+FULL = {"concurrency": 32, "new_tokens": 128, "prompt_tokens": 500, "repeats": 2, "long_context": 4096,
+        "shared_prefix": 400}
 TEXT = (
     "The river runs through the old town, past the market square, the stone bridge and the mill. "
     "In spring the water rises and the fishermen mend their nets on the bank while children watch "
@@ -34,6 +35,9 @@ COLUMNS: dict[str, tuple[str, str, bool]] = {
     "prefill_tok_s": ("prefill tok/s, {prompt_tokens}-token prompt", "{:.1f}", True),
     "decode_long_tok_s": ("decode tok/s at {long_context} context", "{:.1f}", True),
     "turn2_ttft_ms": ("chat turn 2, first token (ms)", "{:.0f}", False),
+    "prefix_turn1_ms": ("{shared_prefix}-token document, question 1: first token (ms)", "{:.0f}", False),
+    "prefix_turn2_ms": ("same document, question 2 (prefix cache): first token (ms)", "{:.0f}", False),
+    "prefix_ratio": ("question 2 / question 1 first token", "{:.2f}", False),
 }
 
 
@@ -44,6 +48,7 @@ class Settings:
     prompt_tokens: int
     repeats: int
     long_context: int
+    shared_prefix: int = 400
 
     @property
     def prefill_repeats(self) -> int:

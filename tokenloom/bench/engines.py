@@ -47,6 +47,26 @@ class TokenloomRunner:
     def prefill(self, ids: list[int]) -> float:
         return timed(lambda: self._stamps(ids, 1))[1]
 
+    def prefix_turns(self, prefix_ids: list[int], n: int) -> tuple[float, float]:
+        """Seconds to the first token of two questions on one document (`prefix_ids`), the second asked
+        after the first's answer, with the prefix cache on: the second computes only its new tokens."""
+        blocks = self.llm.engine.block_manager
+        blocks.enable_prefix_caching = True
+        try:
+            turn1 = prefix_ids + self.encode(f"\nQuestion: {CHAT_FIRST}\nAnswer:")
+            start = time.perf_counter()
+            stamps, answer = [], []
+            for out in self.llm.stream(turn1, self._params(n)):
+                stamps.extend(time.perf_counter() for _ in out.new_token_ids)
+                answer.extend(out.new_token_ids)
+            turn2 = turn1 + answer + self.encode(f"\nQuestion: {CHAT_SECOND}\nAnswer:")
+            first = stamps[0] - start
+            start = time.perf_counter()
+            second = self._stamps(turn2, 1)[0] - start
+        finally:
+            blocks.enable_prefix_caching = False  # the other phases measure cold prompts
+        return first, second
+
     def turn2_ttft(self) -> float:
         """Seconds to the first token of a chat's second turn (the first turn generated before)."""
         messages = [{"role": "user", "content": CHAT_FIRST}]

@@ -4,30 +4,49 @@ from __future__ import annotations
 
 from collections import deque
 
+from tokenloom.cache.prefix_cache import PrefixCacheStats, PrefixIndex, block_key, root_key
 from tokenloom.engine.sequence import FREED_BLOCK, Sequence
 
 
 class BlockManager:
     """A free list of fixed-size blocks. A sequence owns `ceil(tokens / block_size)` blocks.
 
-    Reference counts are kept so that sequences sharing a prefix can later share blocks.
+    Reference counts let sequences share blocks (beam forks, and the prefix cache). With
+    `enable_prefix_caching`, every full computed block is offered to the prefix index (`commit`), a new
+    sequence starts from the longest cached prefix of its tokens (`match_prefix`), and a block freed
+    with a key keeps its contents until the pool needs it (idle blocks count as free).
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_namespace: str = ""
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self._index = PrefixIndex(num_blocks)
+        self._root = root_key(cache_namespace)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can take: the plain free ones and the idle cached ones."""
+        return len(self._free) + self._index.num_idle
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks holding a prefix-cache key, in use or idle."""
+        return len(self._index)
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self._index.stats
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
@@ -35,17 +54,21 @@ class BlockManager:
         return max(0, need - len(seq.block_ids))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self._free)
+        return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Give `seq` enough blocks to hold its computed tokens plus `num_new_tokens`."""
         need = self.blocks_needed(seq, num_new_tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {need}, have {len(self._free)}")
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: need {need}, have {self.num_free_blocks}")
         for _ in range(need):
-            block_id = self._free.popleft()
+            block_id = self._take()
             self._ref_counts[block_id] = 1
             seq.block_ids.append(block_id)
+
+    def _take(self) -> int:
+        """A block for new contents: a plain free one, else the oldest idle cached one."""
+        return self._free.popleft() if self._free else self._index.evict()
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq` (blocks still shared elsewhere stay allocated)."""
@@ -55,6 +78,7 @@ class BlockManager:
             self._release_block(block_id)
         seq.block_ids = []
         seq.num_freed_blocks = 0
+        seq.num_committed_blocks = 0
 
     def free_blocks_before(self, seq: Sequence, position: int) -> int:
         """Release the blocks of `seq` whose positions all lie before `position` (the oldest
@@ -66,7 +90,8 @@ class BlockManager:
         for index in range(seq.num_freed_blocks, last):
             block_id = seq.block_ids[index]
             if block_id != FREED_BLOCK:
-                self._release_block(block_id)
+                # behind the window: no later sequence can reuse it, so it is no cache entry
+                self._release_block(block_id, keep_key=False)
                 seq.block_ids[index] = FREED_BLOCK
                 released += 1
         seq.num_freed_blocks = max(seq.num_freed_blocks, last)
@@ -77,10 +102,79 @@ class BlockManager:
         """Blocks `seq` holds in the pool (its table minus the entries freed behind its window)."""
         return sum(1 for block_id in seq.block_ids if block_id != FREED_BLOCK)
 
-    def _release_block(self, block_id: int) -> None:
+    def _release_block(self, block_id: int, keep_key: bool = True) -> None:
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
-            self._free.append(block_id)
+            if keep_key and self._index.key_of(block_id) is not None:
+                self._index.park(block_id)
+            else:
+                self._index.forget(block_id)
+                self._free.append(block_id)
+
+    # ---- the prefix cache -----------------------------------------------------------------
+    def _keys_upto(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The chained keys of the first `num_blocks` full blocks of `seq`'s tokens (kept on `seq`)."""
+        keys, size = seq.block_hashes, self.block_size
+        for index in range(len(keys), num_blocks):
+            keys.append(block_key(keys[-1] if keys else self._root, seq.token_ids[index * size : (index + 1) * size]))
+        return keys
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks the cached blocks of its longest cached prefix (whole
+        blocks, leaving at least its last token to compute) and count them as computed. Returns the
+        number of tokens reused. `free` undoes it."""
+        if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
+            return 0
+        keys = self._keys_upto(seq, (seq.num_tokens - 1) // self.block_size)
+        index = self._index
+        for key in keys:
+            block_id = index.lookup(key)
+            if block_id is None:
+                break
+            if index.is_idle(block_id):
+                index.unpark(block_id)
+            self._ref_counts[block_id] += 1
+            seq.block_ids.append(block_id)
+        seq.num_committed_blocks = len(seq.block_ids)
+        seq.num_computed_tokens = len(seq.block_ids) * self.block_size
+        return seq.num_computed_tokens
+
+    def record_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count one admitted sequence's lookup: `num_tokens` looked up, `num_cached` found."""
+        if self.enable_prefix_caching:
+            stats = self._index.stats
+            stats.queries += num_tokens
+            stats.hits += num_cached
+
+    def commit(self, seq: Sequence) -> None:
+        """Offer the full blocks of `seq` that lie wholly below its computed tokens to the cache. Call it
+        once the step's tokens and computed count are final (no token is taken back after this)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_committed_blocks:
+            return
+        keys = self._keys_upto(seq, num_full)
+        for index in range(seq.num_committed_blocks, num_full):
+            block_id = seq.block_ids[index]
+            if block_id != FREED_BLOCK:
+                self._index.register(block_id, keys[index])
+        seq.num_committed_blocks = num_full
+
+    def check_consistency(self) -> None:
+        """Raise AssertionError when the pool's books disagree (used by tests after random workloads)."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a block is twice in the free list"
+        for block_id in range(self.num_blocks):
+            ref = self._ref_counts[block_id]
+            assert ref >= 0, f"block {block_id}: negative reference count {ref}"
+            idle = self._index.is_idle(block_id)
+            keyed = self._index.key_of(block_id) is not None
+            if ref > 0:
+                assert block_id not in free and not idle, f"block {block_id} is in use and free"
+            else:
+                assert (block_id in free) != idle, f"block {block_id}: unused but not free exactly once"
+                assert idle == keyed, f"block {block_id}: idle {idle} but keyed {keyed}"
 
     # ---- sharing: fork and copy-on-write (beam search) ------------------------------------
     def ref_count(self, block_id: int) -> int:
@@ -97,6 +191,11 @@ class BlockManager:
                 self._ref_counts[block_id] += 1
         child.block_ids = list(parent.block_ids)
         child.num_freed_blocks = parent.num_freed_blocks
+        child.num_committed_blocks = parent.num_committed_blocks
+        # the child's tokens start with the parent's, so the parent's block keys are its own too
+        num_shared = min(len(parent.block_hashes), len(child.token_ids) // self.block_size)
+        if parent.token_ids[: num_shared * self.block_size] == child.token_ids[: num_shared * self.block_size]:
+            child.block_hashes = parent.block_hashes[:num_shared]
 
     def num_shared_blocks_to_write(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks of `seq` that the next `num_new_tokens` writes land in and that another table
@@ -109,12 +208,12 @@ class BlockManager:
         pairs whose contents the caller must copy in the KV cache before the write; the last
         holder of a block writes in place, so a block shared by n tables is copied n - 1 times."""
         indices = self._shared_write_indices(seq, num_new_tokens)
-        if len(indices) > len(self._free):
-            raise RuntimeError(f"out of KV blocks: copy-on-write needs {len(indices)}, have {len(self._free)}")
+        if len(indices) > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: copy-on-write needs {len(indices)}, have {self.num_free_blocks}")
         copies = []
         for index in indices:
             source = seq.block_ids[index]
-            target = self._free.popleft()
+            target = self._take()
             self._ref_counts[target] = 1
             self._ref_counts[source] -= 1  # still > 0: another table holds it
             seq.block_ids[index] = target

@@ -197,11 +197,15 @@ def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
     if source is None:
         source = prepare_model(args)
     set_num_threads(threads)
+    from tokenloom.config import EngineConfig
     from tokenloom.llm import LLM
 
+    # a chat re-sends every earlier turn: the prefix cache computes only the new one
+    engine_config = EngineConfig(enable_prefix_caching=getattr(args, "command", None) == "chat")
     start = time.perf_counter()
     try:
-        llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args))
+        llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args),
+                  engine_config=engine_config)
     except ValueError as exc:
         if not str(exc).startswith(("device_map=", "dtype=")):
             raise

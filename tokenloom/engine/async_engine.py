@@ -44,6 +44,8 @@ class EngineStats:
     num_free_kv_blocks: int = 0
     num_steps: int = 0
     num_failed_steps: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # of those, tokens whose KV came from the cache
 
     @property
     def kv_cache_usage(self) -> float:
@@ -294,6 +296,8 @@ class AsyncEngine:
             num_free_kv_blocks=blocks.num_free_blocks,
             num_steps=previous.num_steps + steps,
             num_failed_steps=self._num_failed_steps,
+            prefix_cache_queries=blocks.prefix_cache_stats.queries,
+            prefix_cache_hits=blocks.prefix_cache_stats.hits,
         )
 
     def _close_all(self) -> None:

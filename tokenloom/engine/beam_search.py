@@ -312,9 +312,11 @@ class _BeamGroup:
             while pending and (not batch or len(pending[0].token_ids) <= budget):
                 prompt = pending.pop(0)
                 seq = self._new_sequence(prompt, list(prompt.token_ids))
-                self.manager.allocate(seq, seq.num_tokens)
-                batch.append(ScheduledSequence(seq, seq.num_tokens))
-                budget -= seq.num_tokens
+                self.manager.record_lookup(seq.num_tokens, self.manager.match_prefix(seq))
+                num_new = seq.num_tokens - seq.num_computed_tokens
+                self.manager.allocate(seq, num_new)
+                batch.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
                 prompt.beams = [seq] * self.num_beams
                 prompt.paths = [[] for _ in range(self.num_beams)]
                 prompt.finished = [[] for _ in range(self.num_beams)]
@@ -325,6 +327,7 @@ class _BeamGroup:
         seqs = [item.seq for chunk in chunks for item in chunk.scheduled]
         for seq in seqs:
             seq.num_computed_tokens = seq.num_tokens
+            self.manager.commit(seq)
         self._free_behind_window(seqs)
         return step
 
@@ -351,5 +354,6 @@ class _BeamGroup:
         step = self._step([out], beams, state, block_copies=(sources, targets))
         for seq in beams:
             seq.num_computed_tokens += 1
+            self.manager.commit(seq)
         self._free_behind_window(beams)
         return step

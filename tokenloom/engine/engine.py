@@ -76,7 +76,10 @@ class Engine:
             mc.num_hidden_layers, num_blocks, block_size, mc.num_key_value_heads, mc.head_dim,
             self.dtype, self.device,
         )
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching=self.config.enable_prefix_caching,
+            cache_namespace=_cache_namespace(model, self.dtype, self.device),
+        )
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             kv_window=mc.kv_window,
@@ -423,6 +426,13 @@ class Engine:
         return prompt_logits(self, prompts)
 
 
+def _cache_namespace(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str:
+    """What the prefix cache's keys start from: everything besides the tokens that decides what a KV
+    block holds (the pool belongs to one model, so this guards against mixing modes in one pool)."""
+    formats = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+    return f"{type(model).__module__}.{type(model).__qualname__}|{dtype}|{device.type}|{','.join(formats)}"
+
+
 def _raise_if_failed(out: RequestOutput) -> None:
     if out.error is not None:
         raise RequestFailedError(f"request {out.request_id!r} failed: {out.error}") from out.exception
@@ -436,6 +446,7 @@ def _metrics(seq: Sequence) -> RequestMetrics:
         finished_time=time.monotonic(),
         num_prompt_tokens=seq.num_prompt_tokens,
         num_generated_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
     )
 
 

@@ -137,10 +137,17 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            num_cached = self.block_manager.match_prefix(seq)
             num_new = self._fit(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if not self.block_manager.can_allocate(seq, num_new):
+                if num_cached:  # give the cached blocks back; the next step looks again
+                    self.block_manager.free(seq)
+                    seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.block_manager.record_lookup(seq.num_tokens, num_cached)
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = num_cached
             self.block_manager.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -173,6 +180,8 @@ class Scheduler:
                         break  # the rest of an accepted run is dropped
                 # the newest token is never computed yet (a stop inside a run leaves fewer)
                 seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            # num_computed_tokens and token_ids are final here: the prefix cache may hash the full blocks
+            self.block_manager.commit(seq)
             if self.kv_window is not None:
                 # The next query sits at num_computed_tokens and reaches back kv_window - 1 positions.
                 self.block_manager.free_blocks_before(seq, seq.num_computed_tokens - self.kv_window + 1)

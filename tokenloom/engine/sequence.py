@@ -44,6 +44,11 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)  # by position; FREED_BLOCK where freed
     num_freed_blocks: int = 0  # leading block_ids entries that are FREED_BLOCK
+    # prefix cache: chained hashes of the first full blocks of token_ids (content only, so they
+    # survive preemption), and how many of block_ids were offered to the cache (or came from it)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     max_total_tokens: int | None = None  # prompt + generated may not exceed this (context length)

@@ -66,6 +66,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> 
                    help="KV-cache budget: a size such as 512MiB or 2GB, or a fraction of the free memory "
                    "such as 0.5 (default: 1GiB on the CPU, 0.9 of the free memory on a GPU)")
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="requests batched in one engine step")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt in full instead of reusing the KV blocks of earlier requests' "
+                   "prefixes (the automatic prefix cache is on by default)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file used instead of the model's own (base models ship none)")
     p.add_argument("--max-body-bytes", type=parse_size, default="4MiB", metavar="SIZE",
@@ -93,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
         max_body_bytes=args.max_body_bytes, chat_template=template, model_id=str(args.model),
     )
-    engine_fields: dict[str, Any] = {}
+    engine_fields: dict[str, Any] = {"enable_prefix_caching": not args.no_prefix_cache}
     if args.kv_cache_memory is not None:
         engine_fields["kv_cache_memory"] = args.kv_cache_memory
     if args.max_num_seqs is not None:

@@ -68,6 +68,7 @@ class Trace:
     received: float = field(default_factory=time.monotonic)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (the most of any choice)
     first_token: float | None = None
     queue_time: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
@@ -85,8 +86,10 @@ class Trace:
             self.num_output_tokens += len(out.new_token_ids)
         if out.finished:
             self.finish_reasons.append(out.finish_reason or "unknown")
-            if out.metrics is not None and out.metrics.queue_time is not None:
-                self.queue_time = max(self.queue_time or 0.0, out.metrics.queue_time)
+            if out.metrics is not None:
+                self.num_cached_tokens = max(self.num_cached_tokens, out.metrics.num_cached_tokens)
+                if out.metrics.queue_time is not None:
+                    self.queue_time = max(self.queue_time or 0.0, out.metrics.queue_time)
 
 
 class ServingContext:

@@ -26,6 +26,12 @@ class Metrics:
                              "Requests waiting: in the engine's queue or for a concurrency slot", registry=r)
         self.kv_usage = Gauge("tokenloom:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", registry=r)
         self.kv_free = Gauge("tokenloom:kv_cache_free_blocks", "KV-cache blocks in the free pool", registry=r)
+        self.prefix_queries = Gauge("tokenloom:prefix_cache_queries",
+                                    "Prompt tokens looked up in the prefix cache (since start)", registry=r)
+        self.prefix_hits = Gauge("tokenloom:prefix_cache_hits",
+                                 "Prompt tokens whose KV came from the prefix cache (since start)", registry=r)
+        self.prefix_hit_rate = Gauge("tokenloom:prefix_cache_hit_rate",
+                                     "prefix_cache_hits / prefix_cache_queries (0 before any lookup)", registry=r)
         self.healthy = Gauge("tokenloom:engine_healthy", "1 while the engine loop runs and steps succeed", registry=r)
         self.weights_bytes = Gauge("tokenloom:weights_bytes", "Bytes held by the model's weights (with the dense copies built so far)", registry=r)
         self.kv_cache_bytes = Gauge("tokenloom:kv_cache_bytes", "Bytes held by the KV-cache pool", registry=r)
@@ -58,6 +64,9 @@ class Metrics:
         self.kv_usage.set_function(lambda: engine.stats.kv_cache_usage)
         self.kv_free.set_function(lambda: engine.stats.num_free_kv_blocks)
         self.healthy.set_function(lambda: 1.0 if engine.is_healthy else 0.0)
+        self.prefix_queries.set_function(lambda: engine.stats.prefix_cache_queries)
+        self.prefix_hits.set_function(lambda: engine.stats.prefix_cache_hits)
+        self.prefix_hit_rate.set_function(lambda: _ratio(engine.stats.prefix_cache_hits, engine.stats.prefix_cache_queries))
         from tokenloom.engine.memory import module_bytes, peak_bytes
 
         model, device = engine.engine.model, engine.engine.device
@@ -86,3 +95,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0

@@ -128,9 +128,10 @@ async def _gather(
     return texts, reasons, lps
 
 
-def _usage(trace: Trace) -> dict[str, int]:
+def _usage(trace: Trace) -> dict[str, Any]:
     return {"prompt_tokens": trace.num_prompt_tokens, "completion_tokens": trace.num_output_tokens,
-            "total_tokens": trace.num_prompt_tokens + trace.num_output_tokens}
+            "total_tokens": trace.num_prompt_tokens + trace.num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": trace.num_cached_tokens}}
 
 
 # ---- chat ------------------------------------------------------------------------------------

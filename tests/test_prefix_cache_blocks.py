@@ -1,0 +1,160 @@
+"""The prefix cache's book-keeping (pure Python): chained block keys, matching, committing, LRU
+eviction of idle blocks, the sliding window's releases, forks, and a random workload of the
+scheduler alone that must leave the pool fully free with every reference count at zero."""
+
+from __future__ import annotations
+
+import random
+
+from tokenloom.cache.block_manager import BlockManager
+from tokenloom.cache.prefix_cache import block_key, root_key
+from tokenloom.engine.scheduler import Scheduler
+from tokenloom.engine.sequence import FREED_BLOCK, FinishReason, Sequence
+from tokenloom.sampling_params import SamplingParams
+
+BS = 4
+
+
+def _seq(tokens: list[int], name: str = "s", max_tokens: int = 8) -> Sequence:
+    return Sequence(name, list(tokens), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), 0)
+
+
+def _compute(manager: BlockManager, seq: Sequence) -> None:
+    """What a step does to `seq`: blocks for all its tokens, all computed, full blocks committed."""
+    manager.allocate(seq, seq.num_tokens - seq.num_computed_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    manager.commit(seq)
+
+
+def test_keys_chain_the_whole_prefix_and_the_namespace() -> None:
+    root = root_key("model-a")
+    a = block_key(root, [1, 2, 3, 4])
+    assert a == block_key(root_key("model-a"), [1, 2, 3, 4])
+    assert a != block_key(root_key("model-b"), [1, 2, 3, 4])  # another model or mode
+    assert a != block_key(root, [1, 2, 3, 5])
+    # the same block after different parents is a different entry
+    assert block_key(a, [9, 9, 9, 9]) != block_key(block_key(root, [1, 2, 3, 5]), [9, 9, 9, 9])
+    assert block_key(root, [2**40]) != block_key(root, [0])  # ids are not truncated
+
+
+def test_a_second_sequence_reuses_the_full_blocks_and_computes_at_least_one_token() -> None:
+    manager = BlockManager(16, BS, enable_prefix_caching=True)
+    first = _seq(list(range(10, 20)))  # 10 tokens: two full blocks
+    _compute(manager, first)
+    assert manager.num_cached_blocks == 2
+    first_blocks = list(first.block_ids)
+    manager.free(first)
+    assert manager.num_free_blocks == 16  # idle cached blocks count as free
+
+    second = _seq(list(range(10, 20)) + [7, 7])  # same 10, then more
+    assert manager.match_prefix(second) == 8
+    assert second.block_ids == first_blocks[:2]
+    assert second.num_computed_tokens == 8 and second.num_committed_blocks == 2
+
+    exact = _seq(list(range(10, 18)))  # exactly two blocks long: the last token must be computed
+    assert manager.match_prefix(exact) == 4
+    assert manager.ref_count(exact.block_ids[0]) == 2  # shared with `second`
+    manager.free(second)
+    manager.free(exact)
+    manager.check_consistency()
+    assert manager.num_free_blocks == 16
+
+
+def test_matching_stops_at_the_first_difference_and_is_off_unless_enabled() -> None:
+    manager = BlockManager(16, BS, enable_prefix_caching=True)
+    _compute(manager, _seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    assert manager.match_prefix(_seq([1, 2, 3, 4, 0, 6, 7, 8, 9])) == 4
+    assert manager.match_prefix(_seq([0, 2, 3, 4, 5, 6, 7, 8, 9])) == 0
+    off = BlockManager(16, BS)
+    _compute(off, _seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    assert off.num_cached_blocks == 0 and off.match_prefix(_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])) == 0
+
+
+def test_idle_blocks_are_evicted_oldest_first_and_only_when_no_plain_block_is_left() -> None:
+    manager = BlockManager(4, BS, enable_prefix_caching=True)
+    old, new = _seq([1] * 5, "old"), _seq([2] * 5, "new")
+    _compute(manager, old)  # blocks: one full (cached), one partial
+    _compute(manager, new)
+    manager.free(old)
+    manager.free(new)
+    assert manager.num_cached_blocks == 2 and manager.num_free_blocks == 4
+    taker = _seq([3] * 9, "taker")  # needs 3 blocks: the 2 plain ones, then the oldest idle one
+    manager.allocate(taker, 9)
+    assert manager.prefix_cache_stats.evictions == 1
+    assert manager.match_prefix(_seq([1] * 5)) == 0  # `old` was evicted
+    assert manager.match_prefix(_seq([2] * 5)) == 4  # `new` survived
+
+
+def test_a_block_freed_behind_the_window_is_no_cache_entry() -> None:
+    manager = BlockManager(8, BS, enable_prefix_caching=True)
+    seq = _seq(list(range(1, 14)))
+    _compute(manager, seq)
+    assert manager.num_cached_blocks == 3
+    assert manager.free_blocks_before(seq, 8) == 2
+    assert seq.block_ids[:2] == [FREED_BLOCK, FREED_BLOCK]
+    assert manager.num_cached_blocks == 1
+    manager.free(seq)
+    manager.check_consistency()
+    assert manager.match_prefix(_seq(list(range(1, 14)))) == 0  # the chain starts at a forgotten block
+
+
+def test_a_fork_shares_keys_and_its_own_blocks_enter_the_cache() -> None:
+    manager = BlockManager(8, BS, enable_prefix_caching=True)
+    parent = _seq([5, 6, 7, 8, 9, 10])
+    _compute(manager, parent)
+    child = _seq([5, 6, 7, 8, 9, 10])
+    child.token_ids = parent.token_ids + [11, 12]
+    manager.fork(parent, child)
+    child.num_computed_tokens = parent.num_computed_tokens
+    for source, target in manager.copy_on_write(child, 2):  # the partial block is shared: copied
+        assert manager.ref_count(source) == 1 and manager.ref_count(target) == 1
+    manager.allocate(child, 2)
+    child.num_computed_tokens += 2
+    manager.commit(child)
+    assert manager.num_cached_blocks == 2
+    manager.free(parent)
+    manager.free(child)
+    assert manager.match_prefix(_seq([5, 6, 7, 8, 9, 10, 11, 12, 0])) == 8
+    manager.check_consistency()
+
+
+def test_random_scheduler_workloads_leave_the_pool_free() -> None:
+    """200 workloads of the scheduler with a fake model: shared system prompts, chat-like
+    continuations of earlier requests, aborts, a pool small enough to preempt. Each sequence's
+    tokens are a function of its prefix, so a cached block always holds what a cold run would."""
+    rng = random.Random(1234)
+    preemptions = hits = 0
+    for _ in range(200):
+        num_blocks = rng.randint(6, 24)
+        manager = BlockManager(num_blocks, BS, enable_prefix_caching=True)
+        scheduler = Scheduler(manager, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(8, 40))
+        systems = [[rng.randrange(50) for _ in range(rng.randint(1, 12))] for _ in range(3)]
+        finished: list[list[int]] = []
+        capacity = num_blocks * BS
+        for step in range(rng.randint(5, 60)):
+            if rng.random() < 0.4:
+                if finished and rng.random() < 0.4:
+                    prompt = rng.choice(finished) + [rng.randrange(50) for _ in range(rng.randint(1, 6))]
+                else:
+                    prompt = rng.choice(systems) + [rng.randrange(50) for _ in range(rng.randint(1, 10))]
+                prompt = prompt[: capacity - 2]
+                scheduler.add(_seq(prompt, f"r{step}", max_tokens=rng.randint(1, 10)))
+            if rng.random() < 0.1 and (scheduler.running or scheduler.waiting):
+                victim = rng.choice(scheduler.running + list(scheduler.waiting))
+                scheduler.abort(victim.request_id)
+            out = scheduler.schedule()
+            preemptions += len(out.preempted)
+            for item in out.scheduled:  # a computed block is committed only once computed
+                assert item.seq.num_committed_blocks * BS <= item.seq.num_computed_tokens
+            sampled = [sum(item.seq.token_ids) % 50 for item in out.scheduled if item.samples]
+            for seq in scheduler.update(out, sampled):
+                if seq.is_finished:
+                    finished.append(seq.token_ids)
+            manager.check_consistency()
+        for seq in list(scheduler.running) + list(scheduler.waiting):
+            scheduler.finish(seq, FinishReason.ABORT)
+        manager.check_consistency()
+        assert manager.num_free_blocks == num_blocks
+        assert all(manager.ref_count(b) == 0 for b in range(num_blocks))
+        hits += manager.prefix_cache_stats.hits
+    assert preemptions > 0 and hits > 0  # the workloads did exercise both
