@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenloom.speculative_config import SpeculativeConfig
+
 # The model `tokenloom generate`, `chat` and `bench` use when none is named (a `tokenloom pull` name).
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -30,6 +32,8 @@ class EngineConfig:
         tokens) and start each new request from the longest cached prefix of its tokens; freed blocks
         keep their contents until the pool needs them (LRU). Same tokens as a cold run. The server
         and `tokenloom chat` turn it on; the library leaves it off unless asked.
+    speculative: speculative decoding for every request that does not set its own
+        (`SamplingParams.speculative`); None (the default) decodes one token per step.
     """
 
     block_size: int = 16
@@ -41,6 +45,7 @@ class EngineConfig:
     compile: bool | None = False
     compile_after: int = 256
     enable_prefix_caching: bool = False
+    speculative: SpeculativeConfig | None = None  # spec decoding (issue 12)
 
     def __post_init__(self) -> None:
         _require_positive("block_size", self.block_size)
@@ -65,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if not isinstance(self.compile_after, int) or isinstance(self.compile_after, bool) or self.compile_after < 0:
             raise ValueError(f"compile_after must be an integer >= 0, got {self.compile_after!r}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"speculative must be a SpeculativeConfig or None, got {self.speculative!r}")
 
 
 def _require_positive(name: str, value: int) -> None:

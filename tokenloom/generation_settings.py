@@ -21,6 +21,7 @@ from tokenloom.sampling_params import (
     is_token_id,
     logit_bias_to_sequence_bias,
 )
+from tokenloom.speculative_config import SpeculativeConfig
 
 # transformers' default when neither the caller nor max_length says how long to generate (>= 5: new tokens)
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -64,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0.0,
     "logit_bias": None,
     "seed": None,
+    # speculative decoding by prompt lookup (transformers' names; see tokenloom.speculative_config)
+    "prompt_lookup_num_tokens": None,
+    "max_matching_ngram_size": None,
 }
 
 # transformers knobs tokenloom does not implement, with their neutral value: anything else is an error
@@ -82,7 +86,6 @@ UNSUPPORTED: dict[str, Any] = {
     "encoder_no_repeat_ngram_size": 0,
     "top_h": None,
     "token_healing": False,
-    "prompt_lookup_num_tokens": None,
     "assistant_early_exit": None,
     "remove_invalid_values": False,
     "output_attentions": False,
@@ -94,14 +97,14 @@ IGNORED = frozenset({
     "transformers_version", "_from_model_config", "cache_implementation", "cache_config", "max_cache_len",
     "forced_eos_token_id", "forced_bos_token_id", "decoder_start_token_id", "compile_config", "disable_compile",
     "prefill_chunk_size", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
-    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
     "continuous_batching_config", "low_memory", "use_mtp", "speculation_type", "assistant_ensemble_weight",
 })
 
 # generate() arguments of transformers that tokenloom does not take (they need Python hooks in the loop
 # or a second model).
 UNSUPPORTED_GENERATE_ARGS = frozenset({
-    "assistant_model", "assistant_tokenizer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+    "assistant_tokenizer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
     "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus", "custom_generate",
 })
 
@@ -173,6 +176,7 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         min_new = 0
     sampling = bool(values["do_sample"])
     stops = values["stop_strings"]
+    speculative = _prompt_lookup(values)
     params = build_sampling_params(dict(
         temperature=float(values["temperature"]) if sampling else 0.0,
         top_k=int(values["top_k"]) if sampling else 0,
@@ -200,6 +204,7 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         max_time=float(values["max_time"]) if values["max_time"] is not None else None,
         output_scores=bool(values["output_scores"]),
         output_logits=bool(values["output_logits"]),
+        speculative=speculative,
     ), _FIELD_NAMES)
     return DecodingPlan(
         sampling=params,
@@ -210,6 +215,22 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         return_dict_in_generate=bool(values["return_dict_in_generate"]),
         uses_default_length=values["max_new_tokens"] is None and not explicit_max_length,
     )
+
+
+def _prompt_lookup(values: Mapping[str, Any]) -> SpeculativeConfig | None:
+    """prompt_lookup_num_tokens (and max_matching_ngram_size, transformers' default 2) as a setting."""
+    num_tokens = values["prompt_lookup_num_tokens"]
+    if not num_tokens:
+        return None
+    if int(values["num_beams"]) > 1:
+        raise ValueError("prompt_lookup_num_tokens cannot be combined with beam search (num_beams > 1)")
+    try:
+        return SpeculativeConfig(
+            "prompt_lookup", num_speculative_tokens=num_tokens, prompt_lookup_max=values["max_matching_ngram_size"] or 2
+        )
+    except ValueError as exc:
+        message = str(exc).replace("num_speculative_tokens", "prompt_lookup_num_tokens")
+        raise ValueError(message.replace("prompt_lookup_max", "max_matching_ngram_size")) from None
 
 
 class DefaultLengthWarning(UserWarning):

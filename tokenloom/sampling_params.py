@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenloom.speculative_config import SpeculativeConfig
+
 # A seed must fit a signed 64-bit integer: torch.Generator.manual_seed overflows above it.
 MAX_SEED = 2**63
 MAX_LOGPROBS = 20
@@ -228,6 +230,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and k alternatives
     output_scores: bool = False  # keep each step's processed scores row
     output_logits: bool = False  # keep each step's raw logits row
+    # speculative decoding for this request (None: the engine's EngineConfig.speculative)
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in _FIELDS_IN_TABLE:
@@ -246,6 +250,8 @@ class SamplingParams:
         self.bad_words_ids = [list(word) for word in self.bad_words_ids]
         self.sequence_bias = _sequence_bias(self.sequence_bias)
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ParameterError("speculative", self.speculative, "a SpeculativeConfig or None")
 
     @property
     def is_greedy(self) -> bool:

@@ -34,6 +34,8 @@ from tokenloom.engine.engine import Engine
 from tokenloom.errors import ModelLoadError, TokenizerError
 from tokenloom.generation_settings import UNSUPPORTED_GENERATE_ARGS, DecodingPlan, warn_if_default_length
 from tokenloom.loading import LoadedModel, load_model
+from tokenloom.models.base import CausalLM
+from tokenloom.speculative_config import SpeculativeConfig
 from tokenloom.tokenizer import Tokenizer, end_of_turn_stops
 
 
@@ -89,6 +91,7 @@ class TokenloomForCausalLM(EngineModule):
         `tokenizer` is accepted as in transformers (which needs it for stop_strings); the model's own
         tokenizer serves when it is not given."""
         input_ids, attention_mask = _inputs(input_ids, attention_mask, kwargs)
+        assistant_model = kwargs.pop("assistant_model", None)
         config = self._call_config(generation_config, kwargs)
         if attention_mask is None:
             attention_mask = _infer_attention_mask(input_ids, config)
@@ -97,6 +100,8 @@ class TokenloomForCausalLM(EngineModule):
             plan = dataclasses.replace(
                 plan, sampling=dataclasses.replace(plan.sampling, output_scores=False, output_logits=False)
             )
+        if assistant_model is not None:
+            plan = self._with_assistant(plan, assistant_model)
         if plan.sampling.stop:
             self._use_tokenizer(tokenizer)
         rows, _ = _strip_padding(input_ids, attention_mask)
@@ -237,6 +242,20 @@ class TokenloomForCausalLM(EngineModule):
         if config.pad_token_id is None and config.eos_token_ids:
             config.pad_token_id = config.eos_token_ids[0]
         return config
+
+    def _with_assistant(self, plan: DecodingPlan, assistant_model: Any) -> DecodingPlan:
+        """transformers' assistant_model: the draft model of speculative decoding (5 tokens a step)."""
+        if plan.is_beam_search:
+            raise ValueError("assistant_model cannot be combined with beam search (num_beams > 1)")
+        draft = getattr(assistant_model, "causal_lm", assistant_model)
+        if not isinstance(draft, CausalLM):
+            raise ValueError(
+                f"assistant_model must be a model loaded by tokenloom's AutoModelForCausalLM, got "
+                f"{type(assistant_model).__name__}"
+            )
+        self.engine.set_draft_model(draft)
+        speculative = SpeculativeConfig("draft_model", num_speculative_tokens=5)
+        return dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, speculative=speculative))
 
     def _use_tokenizer(self, tokenizer: Any) -> None:
         """stop_strings are matched on text: the engine needs a tokenizer (its own, else the one passed)."""

@@ -131,6 +131,12 @@ def beam_search(engine: Engine, prompts: list[list[int]], params: BeamSearchPara
     its pool and returns them all."""
     if engine.has_unfinished():
         raise RuntimeError("beam_search needs an idle engine: finish or abort the queued requests first")
+    speculative = params.sampling_params.speculative
+    if speculative is not None and speculative.is_enabled:
+        raise ValueError(
+            "beam search cannot be combined with speculative decoding: drop sampling_params.speculative "
+            "(prompt_lookup_num_tokens / assistant_model) or use num_beams=1"
+        )
     checked = [engine.checked_ids(f"token ids of prompt {i}", p) for i, p in enumerate(prompts)]
     engine.checked_ids("stop_token_ids", params.stop_token_ids)
     engine.check_param_ids(params.sampling_params)

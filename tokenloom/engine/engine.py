@@ -18,6 +18,7 @@ from tokenloom.engine.memory import MemoryUsage, kv_budget_bytes, module_bytes, 
 from tokenloom.engine.model_runner import ModelRunner, StepResult
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tokenloom.engine.speculator import SpeculativeStats, Speculator, push_until_stop
 from tokenloom.models.base import CausalLM
 from tokenloom.outputs import RequestMetrics, RequestOutput, TokenIdsSlice
 from tokenloom.sampling_params import SamplingParams
@@ -58,7 +59,9 @@ class Engine:
         model: CausalLM,
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
+        draft_model: CausalLM | None = None,
     ) -> None:
+        """draft_model: the proposer of speculative decoding's "draft_model" method (same vocabulary)."""
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -89,6 +92,23 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._mailbox: dict[str, list[RequestOutput]] = {}  # outputs awaiting their own stream()
         self._counter = itertools.count()
+        self.speculator = Speculator(self.config.speculative)
+        if draft_model is not None:
+            self.set_draft_model(draft_model)
+
+    def set_draft_model(self, draft_model: CausalLM | None) -> None:
+        """The model that proposes tokens for requests speculating with method "draft_model" (None:
+        none). Its KV pool holds as many tokens as the engine's. Refused while requests are queued
+        (their draft caches would be lost) and for a model with another vocabulary size."""
+        self.speculator.set_draft_model(
+            draft_model, self.has_unfinished(), self.model.config.vocab_size, self.kv_cache.num_blocks,
+            self.config.block_size, self.max_model_len,
+        )
+
+    @property
+    def speculative_stats(self) -> SpeculativeStats:
+        """Proposed and accepted token counts of speculative decoding so far."""
+        return self.speculator.stats
 
     def _blocks_for_budget(self, block_size: int) -> int:
         """Blocks the KV budget (EngineConfig.kv_cache_memory) pays for, and never more than
@@ -140,6 +160,7 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{index}"
         prompt = self.checked_ids("prompt token ids", prompt_token_ids)
         self.check_param_ids(params)
+        self.speculator.check(params)
         stop = self._checked_stop(params)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
@@ -179,6 +200,7 @@ class Engine:
             raise ValueError(f"request {request_id!r} was already queued once; prepare it again")
         if prepared.seed is not None:
             self.runner.register_seed(request_id, prepared.seed)
+            self.speculator.register_seed(request_id, prepared.seed)
         if prepared.detokenizer is not None:
             self._detokenizers[request_id] = prepared.detokenizer
         try:
@@ -237,6 +259,11 @@ class Engine:
         A step that raises fails only the requests it touched: each is finished with finish_reason
         "error" (its output carries the message, its blocks go back to the pool) and the engine goes on
         serving the others. `stream` and `run` raise RequestFailedError for such an output."""
+        running = list(self.scheduler.running)
+        try:
+            self.speculator.propose(running)
+        except Exception as exc:
+            return self._fail(running, exc)
         out: SchedulerOutput = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.waiting:
@@ -248,8 +275,10 @@ class Engine:
                 item.seq.first_scheduled_time = now
         # Which runner row belongs to which request, taken before update() advances the sequences.
         rows = {item.seq.request_id: row for row, item in enumerate(i for i in out.scheduled if i.samples)}
+        lengths = {item.seq.request_id: item.seq.num_tokens for item in out.scheduled}
         try:
-            result = self.runner.step(out)
+            result = self.runner.step(out, self.speculator.draft_probs)
+            self.speculator.record(out, result.sampled_token_ids)
             touched = self.scheduler.update(out, result.sampled_token_ids)
         except Exception as exc:
             return self._fail([item.seq for item in out.scheduled], exc)
@@ -257,7 +286,8 @@ class Engine:
         try:
             for seq in touched:
                 try:
-                    outputs.append(self._output(seq, [seq.token_ids[-1]], result, rows[seq.request_id]))
+                    new_ids = seq.token_ids[lengths[seq.request_id] :]
+                    outputs.append(self._output(seq, new_ids, result, rows[seq.request_id]))
                 except Exception as exc:
                     outputs.extend(self._fail([seq], exc))
         finally:  # even if an output fails, finished requests give back their per-request state
@@ -350,7 +380,7 @@ class Engine:
         delta = ""
         stop_reason: str | int | None = None
         if detok is not None:
-            delta = detok.push_many(new_ids)
+            delta, new_ids = push_until_stop(detok, seq, new_ids)
             if detok.stop_match is not None:
                 stop_reason = detok.stop_match
                 if seq.is_finished:
@@ -385,6 +415,7 @@ class Engine:
         self._sequences.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)
         self.runner.release(seq.request_id)
+        self.speculator.release(seq.request_id)
 
     # ---- scoring --------------------------------------------------------------------------
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:

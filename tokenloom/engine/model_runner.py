@@ -34,7 +34,7 @@ class StepResult:
     output_logits); scores are the processed float32 row (after every processor and warper, as
     transformers' `scores`), logits the raw float32 row."""
 
-    sampled_token_ids: list[int]
+    sampled_token_ids: list[int | list[int]]  # a list for a speculating row (see spec_step)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
     scores: list[torch.Tensor | None] = field(default_factory=list)  # processed, [vocab]
     logits: list[torch.Tensor | None] = field(default_factory=list)  # raw, [vocab]
@@ -99,6 +99,10 @@ class ModelRunner:
         generator.manual_seed(seed)
         self._generators[request_id] = generator
 
+    def generator(self, request_id: str) -> torch.Generator | None:
+        """The request's own generator (None for a greedy request)."""
+        return self._generators.get(request_id)
+
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
         self._sampling_state.release(request_id)
@@ -115,6 +119,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + item.num_new_tokens
             input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(item.spec_token_ids)  # proposed tokens follow the known ones
             query_lens.append(item.num_new_tokens)
             context_lens.append(end)
             block_tables.append(seq.block_ids)
@@ -149,11 +154,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def step(self, out: SchedulerOutput) -> StepResult:
+    def step(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None) -> StepResult:
+        """draft_probs: for speculating rows whose proposer drew its tokens from a distribution (a
+        draft model sampling), that distribution [k, vocab] by request id."""
         sampling = [item.seq for item in out.scheduled if item.samples]
         if not sampling:
             self.forward_hidden(out)
             return StepResult([])
+        if any(item.spec_token_ids for item in out.scheduled):
+            from tokenloom.engine.spec_step import speculative_step
+
+            return speculative_step(self, out, draft_probs or {})
         if all(item.num_new_tokens == 1 for item in out.scheduled):
             logits = self.decode_logits(out)  # [num_seqs, vocab]
             if len(sampling) != len(out.scheduled):
@@ -165,6 +176,10 @@ class ModelRunner:
                 itertools.accumulate(item.num_new_tokens for item in out.scheduled), out.scheduled
             ) if item.samples]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [rows, vocab]
+        return self.sample(logits, sampling)
+
+    def sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> StepResult:
+        """One token per row of logits [rows, vocab] (row i: the next token of sampling[i])."""
         params = [s.params for s in sampling]
         batch = SamplingBatch.build(
             params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from tokenloom.cache.block_manager import BlockManager
@@ -12,12 +13,16 @@ from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens computed for this sequence in this step
+    num_new_tokens: int  # tokens computed for this sequence in this step (proposed ones included)
+    # speculative decoding: proposed tokens computed after the sequence's last one (the last
+    # len(spec_token_ids) of num_new_tokens) and verified in this step
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this step computes the sequence's last known token, so a new one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        num_known = self.num_new_tokens - len(self.spec_token_ids)
+        return self.seq.num_computed_tokens + num_known == self.seq.num_tokens
 
 
 @dataclass
@@ -124,9 +129,10 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             num_new = self._fit(seq, num_new)
-            self.block_manager.allocate(seq, num_new)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
-            budget -= num_new
+            spec = self._spec_tokens(seq, num_new, budget)
+            self.block_manager.allocate(seq, num_new + len(spec))
+            out.scheduled.append(ScheduledSequence(seq, num_new + len(spec), spec))
+            budget -= num_new + len(spec)
             index += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
@@ -149,29 +155,57 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled_token_ids: SequenceOf[int | list[int]]) -> list[Sequence]:
         """Record a step: advance computed counts, append sampled tokens (one per sampling
-        sequence, in scheduled order), finish sequences that must stop. Returns the sequences
-        that received a token or finished this step."""
+        sequence, in scheduled order; a speculating sequence gets a list: its accepted proposed
+        tokens, then the one the target chose), finish sequences that must stop. Tokens after a
+        stop are dropped, and only accepted tokens count as computed (the KV written at rejected
+        positions is overwritten later). Returns the sequences that received a token or finished."""
         touched: list[Sequence] = []
         sampled = iter(sampled_token_ids)
         for item in out.scheduled:
             seq = item.seq
             samples = item.samples
-            seq.num_computed_tokens += item.num_new_tokens
+            new = next(sampled) if samples else []
+            tokens = [new] if isinstance(new, int) else list(new)
+            num_accepted = max(0, len(tokens) - 1)  # proposed tokens the target kept: their KV is valid
+            seq.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids) + num_accepted
+            seq.spec_token_ids = []
+            reason = None
+            if samples:
+                for token in tokens:
+                    seq.append_token(token)
+                    reason = seq.check_stop()
+                    if reason is not None:
+                        break  # the rest of an accepted run is dropped
+                # the newest token is never computed yet (a stop inside a run leaves fewer)
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            # num_computed_tokens and token_ids are final here: the prefix cache may hash the full blocks
             self.block_manager.commit(seq)
             if self.kv_window is not None:
                 # The next query sits at num_computed_tokens and reaches back kv_window - 1 positions.
                 self.block_manager.free_blocks_before(seq, seq.num_computed_tokens - self.kv_window + 1)
             if not samples:
                 continue
-            seq.append_token(next(sampled))
             touched.append(seq)
-            reason = seq.check_stop()
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
         return touched
+
+    def _spec_tokens(self, seq: Sequence, num_new: int, budget: int) -> list[int]:
+        """The proposed tokens of a decoding sequence that fit this step: the token budget, the
+        context length and the free blocks (speculation never preempts anyone)."""
+        proposed = seq.spec_token_ids
+        if not proposed or self.kv_window is not None or seq.num_tokens - seq.num_computed_tokens != num_new:
+            return []
+        room = budget - num_new
+        if seq.max_total_tokens is not None:
+            room = min(room, seq.max_total_tokens - seq.num_tokens)
+        count = max(0, min(len(proposed), room))
+        while count and not self.block_manager.can_allocate(seq, num_new + count):
+            count -= 1
+        return proposed[:count]
 
     def _fit(self, seq: Sequence, num_new: int) -> int:
         """With a window, a chunk shrinks to what the free blocks hold (its older blocks are freed

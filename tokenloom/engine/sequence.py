@@ -55,6 +55,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)  # for max_time
     first_scheduled_time: float | None = None  # set by the engine: the end of its queue time
     first_token_time: float | None = None
+    # speculative decoding: tokens proposed for the next step, verified there; not part of token_ids
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
