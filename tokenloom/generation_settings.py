@@ -64,6 +64,11 @@ DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0.0,
     "logit_bias": None,
     "seed": None,
+    # structured output (tokenloom.sampling.grammar): at most one, not with beam search
+    "json_schema": None,
+    "regex": None,
+    "choice": None,
+    "grammar": None,
 }
 
 # transformers knobs tokenloom does not implement, with their neutral value: anything else is an error
@@ -200,6 +205,10 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         max_time=float(values["max_time"]) if values["max_time"] is not None else None,
         output_scores=bool(values["output_scores"]),
         output_logits=bool(values["output_logits"]),
+        json_schema=values["json_schema"],
+        regex=values["regex"],
+        choice=values["choice"],
+        grammar=values["grammar"],
     ), _FIELD_NAMES)
     return DecodingPlan(
         sampling=params,
@@ -316,7 +325,8 @@ def _validate(v: dict[str, Any]) -> None:
             )
     if v["num_beams"] > 1:
         # the beam driver is transformers' deterministic beam search; these need hooks it does not have
-        for name, off in (("do_sample", False), ("stop_strings", None), ("max_time", None)):
+        for name, off in (("do_sample", False), ("stop_strings", None), ("max_time", None), ("json_schema", None),
+                          ("regex", None), ("choice", None), ("grammar", None)):
             if v[name] != off:
                 raise ParameterError(
                     name, v[name], f"{off!r} with beam search",

@@ -7,6 +7,7 @@ under its own name (`ParameterError.renamed`), so a range is written down exactl
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -228,6 +229,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and k alternatives
     output_scores: bool = False  # keep each step's processed scores row
     output_logits: bool = False  # keep each step's raw logits row
+    # structured output: at most one; the output is constrained to it (tokenloom.sampling.grammar)
+    json_schema: dict[str, Any] | str | None = None  # a JSON schema (a dict or its JSON text)
+    regex: str | None = None  # the whole output matches this regular expression
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) or a GBNF one (rules with ::=)
 
     def __post_init__(self) -> None:
         for name in _FIELDS_IN_TABLE:
@@ -246,12 +252,47 @@ class SamplingParams:
         self.bad_words_ids = [list(word) for word in self.bad_words_ids]
         self.sequence_bias = _sequence_bias(self.sequence_bias)
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        self._check_structured()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def structured(self) -> tuple[str, Any] | None:
+        """(field name, value) of the structured-output constraint, or None."""
+        for name in STRUCTURED_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
+    def _check_structured(self) -> None:
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ParameterError(given[1], getattr(self, given[1]), f"unset when {given[0]} is set",
+                                 f"only one of {', '.join(STRUCTURED_FIELDS)} may be set, got {' and '.join(given)}")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError as exc:
+                raise ParameterError("json_schema", self.json_schema, "a JSON schema",
+                                     f"json_schema is not valid JSON: {exc}") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ParameterError("json_schema", self.json_schema, "a JSON schema (an object, as a dict or JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ParameterError(name, value, "a non-empty string")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                isinstance(c, str) and c for c in self.choice
+            ):
+                raise ParameterError("choice", self.choice, "a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+
+
+STRUCTURED_FIELDS = ("json_schema", "regex", "choice", "grammar")
 _FIELDS_IN_TABLE = tuple(name for name in SamplingParams.__dataclass_fields__ if name in RANGES)
 
 

@@ -97,7 +97,7 @@ class TokenloomForCausalLM(EngineModule):
             plan = dataclasses.replace(
                 plan, sampling=dataclasses.replace(plan.sampling, output_scores=False, output_logits=False)
             )
-        if plan.sampling.stop:
+        if plan.sampling.stop or plan.sampling.structured is not None:
             self._use_tokenizer(tokenizer)
         rows, _ = _strip_padding(input_ids, attention_mask)
         results = self.generate_rows(rows, plan, streamer=streamer, prompt_ids=input_ids)
@@ -239,13 +239,14 @@ class TokenloomForCausalLM(EngineModule):
         return config
 
     def _use_tokenizer(self, tokenizer: Any) -> None:
-        """stop_strings are matched on text: the engine needs a tokenizer (its own, else the one passed)."""
+        """stop_strings are matched on text and grammars need the vocabulary: the engine needs a tokenizer
+        (its own, else the one passed)."""
         if self.engine.tokenizer is not None:
             return
         engine_tokenizer = getattr(tokenizer, "engine_tokenizer", tokenizer)
         if not isinstance(engine_tokenizer, Tokenizer):
             raise ValueError(
-                "stop_strings needs a tokenizer and this model has none: pass tokenizer= a tokenloom tokenizer "
+                "stop_strings and structured output need a tokenizer and this model has none: pass tokenizer= a tokenloom tokenizer "
                 "(AutoTokenizer.from_pretrained of the same model)"
             )
         self.engine.tokenizer = engine_tokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenloom.sampling_params import SamplingParams
 
@@ -50,6 +51,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)  # for max_time
     first_scheduled_time: float | None = None  # set by the engine: the end of its queue time
     first_token_time: float | None = None
+    grammar: Any = None  # structured output: a GrammarMatcher (tokenloom.sampling.grammar), advanced per token
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -79,6 +81,8 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def check_stop(self) -> FinishReason | None:
         """Why this sequence must stop after its newest token, or None."""
@@ -87,6 +91,8 @@ class Sequence:
         last = self.token_ids[-1]
         if not params.ignore_eos and num_output > params.min_tokens - 1 and last in params.stop_token_ids:
             return FinishReason.EOS
+        if self.grammar is not None and self.grammar.is_terminated:
+            return FinishReason.STOP  # the grammar is complete: nothing more may follow
         if num_output >= params.max_tokens:
             return FinishReason.LENGTH
         if self.max_total_tokens is not None and self.num_tokens >= self.max_total_tokens:
