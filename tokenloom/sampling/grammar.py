@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,15 @@ class GrammarVocabulary:
         self.llg_tokenizer: llguidance.LLTokenizer = llg.LLTokenizer(
             backend.to_str(), n_vocab=vocab_size, eos_token=self.eos_token_ids or None
         )
-        self.executor: llguidance.LLExecutor = llg.LLExecutor()
+        # a thread pool pays off with a few cores to spare; on one or two it only adds hand-offs
+        self.executor: llguidance.LLExecutor | None = llg.LLExecutor() if _num_cpus() >= 4 else None
+
+
+def _num_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _vocabularies: weakref.WeakKeyDictionary[Any, dict[tuple, GrammarVocabulary]] = weakref.WeakKeyDictionary()
@@ -176,20 +185,29 @@ def num_live_matchers() -> int:
     return len(_live_matchers)
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_DISALLOWED_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _disallowed_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: for each byte value, which of its bits (lowest first) are 0."""
+    table = _DISALLOWED_BITS.get(device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int32)
+        table = _DISALLOWED_BITS[device] = (((values[:, None] >> torch.arange(8, dtype=torch.int32)) & 1) == 0).to(device)
+    return table
 
 
 @dataclass
 class GrammarMask:
-    """The allowed tokens of the rows that follow a grammar: `allowed` [len(rows), vocab] bool on the
-    device; `rows` [len(rows)] long, the batch rows they belong to."""
+    """The tokens the rows that follow a grammar may not take: `disallowed` [len(rows), vocab] bool on
+    the device; `rows` [len(rows)] long, the batch rows they belong to (None: every row, in order)."""
 
-    rows: torch.Tensor
-    allowed: torch.Tensor
+    rows: torch.Tensor | None
+    disallowed: torch.Tensor
 
     @classmethod
     def build(
-        cls, matchers: Iterable[GrammarMatcher | None], vocab_size: int | None, device: torch.device
+        cls, matchers: Sequence[GrammarMatcher | None], vocab_size: int | None, device: torch.device
     ) -> GrammarMask | None:
         """The mask of the rows whose matcher is not None (None when no row has one). The masks are
         filled on the CPU (in parallel across rows), moved to the device in one copy and unpacked there."""
@@ -199,24 +217,34 @@ class GrammarMask:
         vocabulary = rows[0][1].vocabulary
         vocab_size = vocab_size or vocabulary.vocab_size
         words = vocabulary.words
-        packed = np.full((len(rows), words), -1, dtype=np.int32)  # [n, words]
+        packed = np.full((len(rows), words), -1, dtype=np.int32)  # [n, words]: bit t % 32 of word t // 32
         pairs = [(m.llg_matcher, i) for i, (_, m) in enumerate(rows)]
-        if len(pairs) == 1:
-            pairs[0][0].unsafe_compute_mask_ptr(packed.ctypes.data, words * 4)
+        if len(pairs) == 1 or vocabulary.executor is None:
+            for matcher, i in pairs:
+                matcher.unsafe_compute_mask_ptr(packed[i].ctypes.data, words * 4)
         else:
             vocabulary.executor.unsafe_compute_mask_ptr(pairs, packed.ctypes.data, words * 4, len(rows))
-        meta = torch.from_numpy(packed).to(device)  # [n, words] int32: the one host-to-device copy
-        shifts = _SHIFTS.get(device)
-        if shifts is None:
-            shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-        allowed = ((meta.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), words * 32)
-        if allowed.shape[1] < vocab_size:  # logits wider than the grammar's vocabulary: the rest is never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]), value=False)
-        index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=device)
-        return cls(index, allowed[:, :vocab_size])
+        # little-endian words: token t is bit t % 8 of byte t // 8
+        if torch.device(device).type == "cpu":
+            disallowed = torch.from_numpy(np.unpackbits(~packed.view(np.uint8), axis=1, bitorder="little").view(bool))
+        else:  # the packed bits cross in one copy and are unpacked on the device
+            packed_bytes = torch.from_numpy(packed.view(np.uint8)).to(device)  # [n, words * 4]
+            disallowed = _disallowed_bits(device)[packed_bytes.long()].view(len(rows), words * 32)
+        if disallowed.shape[1] < vocab_size:  # logits wider than the grammar's vocabulary: the rest is never allowed
+            disallowed = torch.nn.functional.pad(disallowed, (0, vocab_size - disallowed.shape[1]), value=True)
+        disallowed = disallowed[:, :vocab_size]
+        if len(rows) == len(matchers):
+            return cls(None, disallowed)
+        return cls(torch.tensor([row for row, _ in rows], dtype=torch.long, device=device), disallowed)
+
+    def allowed_ids(self, index: int) -> list[int]:
+        """The token ids the `index`-th grammar row may take (for tests and debugging)."""
+        return (~self.disallowed[index]).nonzero()[:, 0].tolist()
 
 
 def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask) -> torch.Tensor:
     """-inf where a grammar row's token is not allowed; other rows unchanged."""
-    rows = logits[mask.rows]
-    return logits.index_put((mask.rows,), rows.masked_fill(~mask.allowed, float("-inf")))
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    if mask.rows is None:
+        return torch.where(mask.disallowed, neg_inf, logits)
+    return logits.index_put((mask.rows,), torch.where(mask.disallowed, neg_inf, logits[mask.rows]))
