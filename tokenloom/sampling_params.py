@@ -194,6 +194,8 @@ class SamplingParams:
     off); repetition_penalty and no_repeat_ngram_size look at prompt + generated tokens, presence and
     frequency penalties (OpenAI/vLLM) at the generated ones. The warpers (temperature, top_k, top_p,
     min_p, typical_p, epsilon_cutoff, eta_cutoff) apply only when sampling.
+    json_schema / regex / choice / grammar (at most one): the output is constrained to it by a token
+    mask (tokenloom.sampling.grammar); the request ends when the grammar is complete.
     Invalid values raise ParameterError (a ValueError) naming the parameter, the value and the allowed
     range (`RANGES`).
     """
