@@ -65,7 +65,7 @@ def test_each_error_row_has_its_status_and_names_the_problem(server, http):
     _error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                   "tools": [{"type": "function"}]}), 400, "tools")
     _error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                  "response_format": {"type": "json_object"}}), 400, "response_format")
+                                                  "response_format": {"type": "xml"}}), 400, "response_format")
     # prompt + max_tokens past the configured total: the numbers are in the message
     _error(http.post("/v1/completions", json={**base, "max_tokens": 600}), 400, "512", "600", "max_tokens")
     long_prompt = "word " * 400

@@ -68,6 +68,11 @@ DEFAULTS: dict[str, Any] = {
     # speculative decoding by prompt lookup (transformers' names; see tokenloom.speculative_config)
     "prompt_lookup_num_tokens": None,
     "max_matching_ngram_size": None,
+    # structured output (tokenloom.sampling.grammar): at most one, not with beam search
+    "json_schema": None,
+    "regex": None,
+    "choice": None,
+    "grammar": None,
 }
 
 # transformers knobs tokenloom does not implement, with their neutral value: anything else is an error
@@ -205,6 +210,10 @@ def plan_generation(settings: Mapping[str, Any], prompt_length: int | None = Non
         output_scores=bool(values["output_scores"]),
         output_logits=bool(values["output_logits"]),
         speculative=speculative,
+        json_schema=values["json_schema"],
+        regex=values["regex"],
+        choice=values["choice"],
+        grammar=values["grammar"],
     ), _FIELD_NAMES)
     return DecodingPlan(
         sampling=params,
@@ -337,7 +346,8 @@ def _validate(v: dict[str, Any]) -> None:
             )
     if v["num_beams"] > 1:
         # the beam driver is transformers' deterministic beam search; these need hooks it does not have
-        for name, off in (("do_sample", False), ("stop_strings", None), ("max_time", None)):
+        for name, off in (("do_sample", False), ("stop_strings", None), ("max_time", None), ("json_schema", None),
+                          ("regex", None), ("choice", None), ("grammar", None)):
             if v[name] != off:
                 raise ParameterError(
                     name, v[name], f"{off!r} with beam search",

@@ -7,6 +7,7 @@ under its own name (`ParameterError.renamed`), so a range is written down exactl
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -195,6 +196,8 @@ class SamplingParams:
     off); repetition_penalty and no_repeat_ngram_size look at prompt + generated tokens, presence and
     frequency penalties (OpenAI/vLLM) at the generated ones. The warpers (temperature, top_k, top_p,
     min_p, typical_p, epsilon_cutoff, eta_cutoff) apply only when sampling.
+    json_schema / regex / choice / grammar (at most one): the output is constrained to it by a token
+    mask (tokenloom.sampling.grammar); the request ends when the grammar is complete.
     Invalid values raise ParameterError (a ValueError) naming the parameter, the value and the allowed
     range (`RANGES`).
     """
@@ -232,6 +235,11 @@ class SamplingParams:
     output_logits: bool = False  # keep each step's raw logits row
     # speculative decoding for this request (None: the engine's EngineConfig.speculative)
     speculative: SpeculativeConfig | None = None
+    # structured output: at most one; the output is constrained to it (tokenloom.sampling.grammar)
+    json_schema: dict[str, Any] | str | None = None  # a JSON schema (a dict or its JSON text)
+    regex: str | None = None  # the whole output matches this regular expression
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) or a GBNF one (rules with ::=)
 
     def __post_init__(self) -> None:
         for name in _FIELDS_IN_TABLE:
@@ -252,12 +260,47 @@ class SamplingParams:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ParameterError("speculative", self.speculative, "a SpeculativeConfig or None")
+        self._check_structured()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def structured(self) -> tuple[str, Any] | None:
+        """(field name, value) of the structured-output constraint, or None."""
+        for name in STRUCTURED_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
+    def _check_structured(self) -> None:
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ParameterError(given[1], getattr(self, given[1]), f"unset when {given[0]} is set",
+                                 f"only one of {', '.join(STRUCTURED_FIELDS)} may be set, got {' and '.join(given)}")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError as exc:
+                raise ParameterError("json_schema", self.json_schema, "a JSON schema",
+                                     f"json_schema is not valid JSON: {exc}") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ParameterError("json_schema", self.json_schema, "a JSON schema (an object, as a dict or JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ParameterError(name, value, "a non-empty string")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                isinstance(c, str) and c for c in self.choice
+            ):
+                raise ParameterError("choice", self.choice, "a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+
+
+STRUCTURED_FIELDS = ("json_schema", "regex", "choice", "grammar")
 _FIELDS_IN_TABLE = tuple(name for name in SamplingParams.__dataclass_fields__ if name in RANGES)
 
 

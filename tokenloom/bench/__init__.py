@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add a row for tokenloom's compiled decode (EngineConfig(compile=True); "
                              "compiling takes a while)")
+    parser.add_argument("--structured", action="store_true",
+                        help="also measure --concurrency JSON-schema requests against as many unconstrained ones "
+                             "(what the grammar mask costs)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
@@ -216,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
         for p in peers:
             if hasattr(p, "close"):
                 p.close()
+    structured = None
+    if getattr(args, "structured", False):
+        from tokenloom.bench.structured import measure_structured
+
+        progress("structured output: JSON-schema requests vs unconstrained ones")
+        structured = measure_structured(llm, settings.concurrency, settings.new_tokens, settings.repeats)
     env["load_average_end"] = load_average()
     env["peak_rss_mib_end"] = round(peak_rss_mib(), 1)
     progress("done")
@@ -243,10 +252,15 @@ def run(args: argparse.Namespace) -> int:
     print(footer(settings))
     for note in notes:
         print(note)
+    if structured is not None:
+        print(structured.describe())
     if args.json:
         payload = {**env, "model": args.model, "settings": vars(settings),
                    "results": {r.name: r.values for r in rows},
                    "ratios_of_default": ratios(rows[0], others), "notes": notes}
+        if structured is not None:
+            payload["structured"] = {"json_tok_s": structured.json_tok_s, "free_tok_s": structured.free_tok_s,
+                                     "mask_cost": structured.mask_cost}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         progress(f"wrote {args.json}")
     return 0

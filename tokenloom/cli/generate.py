@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,12 +21,14 @@ from tokenloom.cli.model_options import (
     read_chat_template,
     sampling_params,
 )
+from tokenloom.sampling_params import ParameterError
 
 EXAMPLES = (
     'tokenloom generate "A list of colors: red, blue" -n 40',
     'tokenloom generate --chat --system "You are terse." "Name three rivers."',
     "echo 'Once upon a time' | tokenloom generate - -n 60 --temperature 0.8 --seed 1",
     "tokenloom generate --file prompt.txt --json --logprobs 3 > out.json",
+    'tokenloom generate --chat "A person as JSON" --json-schema person.schema.json --temperature 1',
 )
 
 
@@ -47,7 +50,36 @@ def register(subparsers: Any) -> None:
                    help="print one JSON object instead: text, token ids, finish reason, timings (and logprobs)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each token's log-probability and the N (0-20) most likely alternatives")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", default=None, metavar="FILE",
+                            help="constrain the output to JSON that FILE's JSON schema accepts")
+    structured.add_argument("--regex", default=None, metavar="PATTERN",
+                            help="constrain the output to a match of the regular expression PATTERN")
+    structured.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                            help="constrain the output to one of these strings (repeat the flag for each)")
     p.set_defaults(func=run)
+
+
+def read_structured(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingParams structured-output field the flags ask for ({} for none)."""
+    if args.json_schema is not None:
+        try:
+            with open(args.json_schema, encoding="utf-8") as f:
+                schema = json.load(f)
+        except OSError as exc:
+            raise CliError(f"--json-schema {args.json_schema!r}: {exc.strerror or exc}",
+                           hint="pass a readable JSON schema file") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CliError(f"--json-schema {args.json_schema!r} is not valid JSON: {exc}",
+                           hint="the file must hold one JSON schema object") from None
+        if not isinstance(schema, dict):
+            raise CliError(f"--json-schema {args.json_schema!r} must hold a JSON object, got {type(schema).__name__}")
+        return {"json_schema": schema}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": list(args.choice)}
+    return {}
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -96,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     prompt_text = read_prompt(args)
     check_sampling_args(args)
+    structured = read_structured(args)
     template = read_chat_template(args)
     started = time.perf_counter()
     source = prepare_model(args)
@@ -105,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     llm = load_llm(args, source)
     load_s = time.perf_counter() - started
     params = sampling_params(llm, args)
+    if structured:
+        try:
+            params = dataclasses.replace(params, **structured)
+            llm.engine.prepare_request([0], params)  # an invalid grammar fails here, before any output
+        except ParameterError as exc:
+            raise CliError(str(exc).replace("json_schema", "--json-schema"), hint="fix the constraint") from None
     if args.chat:
         prompt: Any = llm.chat_prompt([*system, {"role": "user", "content": prompt_text}], chat_template=template)
     else:

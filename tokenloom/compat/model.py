@@ -102,7 +102,7 @@ class TokenloomForCausalLM(EngineModule):
             )
         if assistant_model is not None:
             plan = self._with_assistant(plan, assistant_model)
-        if plan.sampling.stop:
+        if plan.sampling.stop or plan.sampling.structured is not None:
             self._use_tokenizer(tokenizer)
         rows, _ = _strip_padding(input_ids, attention_mask)
         results = self.generate_rows(rows, plan, streamer=streamer, prompt_ids=input_ids)
@@ -258,13 +258,14 @@ class TokenloomForCausalLM(EngineModule):
         return dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, speculative=speculative))
 
     def _use_tokenizer(self, tokenizer: Any) -> None:
-        """stop_strings are matched on text: the engine needs a tokenizer (its own, else the one passed)."""
+        """stop_strings are matched on text and grammars need the vocabulary: the engine needs a tokenizer
+        (its own, else the one passed)."""
         if self.engine.tokenizer is not None:
             return
         engine_tokenizer = getattr(tokenizer, "engine_tokenizer", tokenizer)
         if not isinstance(engine_tokenizer, Tokenizer):
             raise ValueError(
-                "stop_strings needs a tokenizer and this model has none: pass tokenizer= a tokenloom tokenizer "
+                "stop_strings and structured output need a tokenizer and this model has none: pass tokenizer= a tokenloom tokenizer "
                 "(AutoTokenizer.from_pretrained of the same model)"
             )
         self.engine.tokenizer = engine_tokenizer

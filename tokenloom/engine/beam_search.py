@@ -84,6 +84,13 @@ class BeamSearchParams:
                 "sampling_params", self.sampling_params, "a SamplingParams",
                 f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}",
             )
+        structured = self.sampling_params.structured
+        if structured is not None:
+            raise ParameterError(
+                structured[0], structured[1], "unset with beam search",
+                f"{structured[0]} (structured output) is not supported with beam search (num_beams="
+                f"{self.num_beams}); use num_beams=1",
+            )
         check("output_scores", self.output_scores)
         check("output_logits", self.output_logits)
 

@@ -21,6 +21,7 @@ from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
 from tokenloom.engine.speculator import SpeculativeStats, Speculator, push_until_stop
 from tokenloom.models.base import CausalLM
 from tokenloom.outputs import RequestMetrics, RequestOutput, TokenIdsSlice
+from tokenloom.sampling.grammar import compile_grammar
 from tokenloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -177,6 +178,8 @@ class Engine:
                     f"{capacity} tokens; raise num_kv_blocks or shorten the prompt"
                 )
         seq = Sequence(request_id, prompt, params, index, max_total_tokens=self.max_model_len)
+        if params.structured is not None:  # compiled here, so an invalid grammar is refused before it is queued
+            seq.grammar = compile_grammar(params, self.tokenizer, self.model.config.vocab_size)
         seed = None
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -414,6 +417,7 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self._sequences.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)
+        seq.grammar = None
         self.runner.release(seq.request_id)
         self.speculator.release(seq.request_id)
 

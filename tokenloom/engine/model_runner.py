@@ -190,6 +190,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             state=self._sampling_state,
             request_ids=[s.request_id for s in sampling],
+            grammars=[s.grammar for s in sampling],
         )
         processed = process_logits(logits, batch)
         ids = sample_processed(processed, batch)

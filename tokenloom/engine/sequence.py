@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenloom.sampling_params import SamplingParams
 
@@ -57,6 +58,7 @@ class Sequence:
     first_token_time: float | None = None
     # speculative decoding: tokens proposed for the next step, verified there; not part of token_ids
     spec_token_ids: list[int] = field(default_factory=list)
+    grammar: Any = None  # structured output: a GrammarMatcher (tokenloom.sampling.grammar), advanced per token
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -86,6 +88,8 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def check_stop(self) -> FinishReason | None:
         """Why this sequence must stop after its newest token, or None."""
@@ -94,6 +98,8 @@ class Sequence:
         last = self.token_ids[-1]
         if not params.ignore_eos and num_output > params.min_tokens - 1 and last in params.stop_token_ids:
             return FinishReason.EOS
+        if self.grammar is not None and self.grammar.is_terminated:
+            return FinishReason.STOP  # the grammar is complete: nothing more may follow
         if num_output >= params.max_tokens:
             return FinishReason.LENGTH
         if self.max_total_tokens is not None and self.num_tokens >= self.max_total_tokens:

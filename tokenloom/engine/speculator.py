@@ -2,8 +2,9 @@
 step (prompt lookup in pure Python, or the draft model), and the acceptance counts.
 
 A request speculates when its setting (`SamplingParams.speculative`, else `EngineConfig.speculative`)
-is on, it is decoding (one uncomputed token) and it asks for no per-token extras (logprobs, scores,
-logits): those rows decode one token per step as before."""
+is on, it is decoding (one uncomputed token), it asks for no per-token extras (logprobs, scores,
+logits) and has no structured-output grammar (whose mask at a proposed position would need the
+grammar advanced over the proposals before it): those rows decode one token per step as before."""
 
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def _room(seq: Sequence, setting: SpeculativeConfig | None) -> int:
     params = seq.params
     if setting is None or seq.num_tokens - seq.num_computed_tokens != 1:
         return 0
-    if params.logprobs is not None or params.output_scores or params.output_logits:
+    if params.logprobs is not None or params.output_scores or params.output_logits or seq.grammar is not None:
         return 0
     room = min(setting.num_speculative_tokens, params.max_tokens - seq.num_output_tokens - 1)
     if seq.max_total_tokens is not None:

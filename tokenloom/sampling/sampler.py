@@ -5,7 +5,8 @@ tensors), so that building a step's batch costs O(new tokens), not O(history).
 
 Order, as transformers' `_get_logits_processor`: sequence bias, repetition penalty, (presence and
 frequency penalties, OpenAI/vLLM, which transformers lacks), no-repeat n-grams, bad words,
-min_tokens, suppress_tokens, begin_suppress_tokens; then, for sampling rows only, temperature,
+min_tokens, suppress_tokens, begin_suppress_tokens; then the grammar mask of structured-output rows
+(tokenloom.sampling.grammar); then, for sampling rows only, temperature,
 top-k, top-p, min-p, typical, epsilon, eta; then renormalize_logits.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenloom.outputs import TokenLogprob
+from tokenloom.sampling.grammar import GrammarMask, GrammarMatcher, apply_grammar_mask
 from tokenloom.sampling.processors import (
     PairCollector,
     RowValues,
@@ -65,6 +67,7 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None  # [rows] float32
     presence_penalty: torch.Tensor | None = None  # [rows] float32
     banned: TokenPairs | None = None  # set to -inf
+    grammar: GrammarMask | None = None  # structured-output rows: tokens their grammar does not allow -> -inf
     temperature: RowValues | None = None
     top_k: RowValues | None = None
     max_top_k: int = 0  # the largest top_k of the sampling rows: a top-k over that many, no device sync
@@ -89,6 +92,7 @@ class SamplingBatch:
         vocab_size: int | None = None,
         state: SamplingState | None = None,
         request_ids: Sequence[str] | None = None,
+        grammars: Sequence[GrammarMatcher | None] | None = None,
     ) -> SamplingBatch:
         """params, token_ids (prompt + generated so far), num_prompt_tokens and generators: one entry
         per row. Ids >= vocab_size in the parameters are ignored (the model cannot produce them).
@@ -96,7 +100,8 @@ class SamplingBatch:
         Without `state` everything is computed from the token lists (O(history) per row). With a
         `state` (and each row's request id) the history-derived parts come from per-request state
         kept across steps and the per-row parameter tensors are reused while the batch's settings
-        do not change: O(new tokens) per step."""
+        do not change: O(new tokens) per step. `grammars`: per row its grammar state (None: unconstrained),
+        whose next-token mask is applied after the processors and before the warpers."""
         histories = state.histories(request_ids, params, token_ids, num_prompt_tokens) if state else None
         is_in_vocab = in_vocab(vocab_size)
         bias, seen, counts, banned = PairCollector(), PairCollector(), PairCollector(), PairCollector()
@@ -149,6 +154,7 @@ class SamplingBatch:
             frequency_penalty=fields.frequency_penalty if counts_pairs is not None else None,
             presence_penalty=fields.presence_penalty if counts_pairs is not None else None,
             banned=banned.build(device),
+            grammar=GrammarMask.build(grammars, vocab_size, device) if grammars and any(grammars) else None,
             **fields.warpers,
         )
 
@@ -167,6 +173,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         )
     if batch.banned is not None:
         logits = apply_bans(logits, batch.banned)
+    if batch.grammar is not None:
+        logits = apply_grammar_mask(logits, batch.grammar)
     if batch.temperature is not None:
         logits = batch.temperature.apply(logits, apply_temperature)
     if batch.top_k is not None:

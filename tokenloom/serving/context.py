@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,14 +137,16 @@ class ServingContext:
     def with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         return self.llm._with_stop_ids(params)
 
-    def prepare(self, tokens: list[int], params: SamplingParams, request_id: str) -> PreparedRequest:
-        """Checks and tokens in the handler: a bad request never reaches the engine loop."""
+    def prepare(self, tokens: list[int], params: SamplingParams, request_id: str,
+                names: Mapping[str, str] | None = None) -> PreparedRequest:
+        """Checks and tokens in the handler: a bad request never reaches the engine loop. `names`: the
+        face's names of SamplingParams fields, for the errors (e.g. json_schema -> response_format)."""
         if not self.engine.is_running:
             raise ApiError(503, "the engine has stopped; restart the server", code="engine_dead")
         try:
             return self.engine.prepare(tokens, self.with_stop_ids(params), request_id)
         except ParameterError as exc:
-            raise ApiError.from_parameter(exc) from None
+            raise ApiError.from_parameter(exc.renamed(names or {})) from None
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from None
 

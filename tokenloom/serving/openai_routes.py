@@ -24,6 +24,13 @@ from tokenloom.serving.errors import ApiError
 from tokenloom.serving.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from tokenloom.serving.respond import respond
 from tokenloom.serving.streaming import sse
+from tokenloom.serving.structured import (
+    ToolPlan,
+    structured_fields,
+    structured_names,
+    tool_calls_as_content,
+    tools_system_text,
+)
 
 router = APIRouter()
 
@@ -39,8 +46,9 @@ def _ctx(request: Request) -> ServingContext:
 
 
 def sampling(req: _OpenAISampling, max_tokens: int, max_tokens_name: str, logprobs: int | None,
-             logprobs_name: str) -> SamplingParams:
-    """The request's SamplingParams; a bad value is a 400 naming the OpenAI parameter."""
+             logprobs_name: str, tool_schema: dict[str, Any] | None = None) -> SamplingParams:
+    """The request's SamplingParams; a bad value is a 400 naming the OpenAI parameter. `tool_schema`:
+    the JSON schema tool_choice constrains the output to."""
     unsupported = req.unsupported()
     if unsupported:
         raise ApiError(400, f"not supported by tokenloom yet: {', '.join(unsupported)}", param=unsupported[0].split("=")[0],
@@ -68,9 +76,10 @@ def sampling(req: _OpenAISampling, max_tokens: int, max_tokens_name: str, logpro
             "skip_special_tokens": req.skip_special_tokens,
             "sequence_bias": logit_bias_to_sequence_bias(req.logit_bias) if req.logit_bias else {},
             "logprobs": logprobs,
+            **structured_fields(req, tool_schema),
         }
         params = build_sampling_params(values, {"max_tokens": max_tokens_name, "logprobs": logprobs_name,
-                                                "sequence_bias": "logit_bias"})
+                                                "sequence_bias": "logit_bias", **structured_names(req)})
     except ParameterError as exc:
         raise ApiError.from_parameter(exc) from None
     return params
@@ -137,7 +146,7 @@ def _usage(trace: Trace) -> dict[str, Any]:
 # ---- chat ------------------------------------------------------------------------------------
 
 
-def _render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
+def _render_chat(ctx: ServingContext, req: ChatCompletionRequest, tools: ToolPlan) -> list[int]:
     messages = []
     for i, message in enumerate(req.messages):
         data = message.model_dump(exclude_none=True)
@@ -151,11 +160,19 @@ def _render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
                 texts.append(part["text"])
             data["content"] = "".join(texts)
         messages.append(data)
+    tool_specs = [{"type": "function", "function": f} for f in tools.functions.values()] if tools.is_active else None
     try:
+        source = ctx.tokenizer.get_chat_template(ctx.config.chat_template, tool_specs).source
+        if tool_specs and "tools" not in source:
+            # a template that does not render tools: they go into the system message
+            messages = _with_tools_in_system(messages, tools_system_text(tools.functions))
+            tool_specs = None
+        if "tool_calls" not in source:
+            messages = tool_calls_as_content(messages)
         text = ctx.tokenizer.apply_chat_template(
             messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message, chat_template=ctx.config.chat_template,
-            **(req.chat_template_kwargs or {}),
+            tools=tool_specs, **(req.chat_template_kwargs or {}),
         )
     except ChatTemplateError as exc:
         if ctx.config.chat_template is None and ctx.tokenizer.chat_template is None:
@@ -168,20 +185,29 @@ def _render_chat(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
     return ctx.tokenizer.encode(text, add_special_tokens=False)
 
 
+def _with_tools_in_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
     ctx = _ctx(request)
     ctx.check_model(req.model)
     trace = Trace(ctx.new_id("chatcmpl"), "chat")
-    tokens = _render_chat(ctx, req)
+    tools = ToolPlan(req.tools, req.tool_choice, req.parallel_tool_calls)
+    tokens = _render_chat(ctx, req, tools)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = ctx.max_tokens_for(len(tokens), asked, name)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling(req, max_tokens, name, logprobs, "top_logprobs")
-    prepared = [ctx.prepare(tokens, p, f"{trace.request_id}-{j}") for j, p in enumerate(_choice_params(params, req.n))]
+    params = sampling(req, max_tokens, name, logprobs, "top_logprobs", tools.schema)
+    names = structured_names(req)
+    prepared = [ctx.prepare(tokens, p, f"{trace.request_id}-{j}", names)
+                for j, p in enumerate(_choice_params(params, req.n))]
     created = int(time.time())
     prefix = ""  # vLLM's echo: the reply starts with the final message when it is the assistant's own
     if req.echo and isinstance(req.messages[-1].content, str) and req.messages[-1].role == "assistant":
@@ -191,11 +217,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
 
     async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[str, Any]:
         texts, reasons, lps = await _gather(outputs, [prefix] * req.n)
-        choices = [{
-            "index": j, "message": {"role": "assistant", "content": texts[j]},
-            "logprobs": {"content": _chat_logprobs(ctx, lps[j])} if req.logprobs else None,
-            "finish_reason": reasons[j],
-        } for j in range(req.n)]
+        choices = []
+        for j in range(req.n):
+            message: dict[str, Any] = {"role": "assistant", "content": texts[j]}
+            calls = tools.tool_calls(texts[j][len(prefix):])
+            if calls is not None:
+                message, reasons[j] = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            choices.append({
+                "index": j, "message": message,
+                "logprobs": {"content": _chat_logprobs(ctx, lps[j])} if req.logprobs else None,
+                "finish_reason": reasons[j],
+            })
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(trace)}
 
     async def stream_body(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[bytes]:
@@ -204,7 +236,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         for j in range(req.n):
             yield sse({**chunk, "choices": [{"index": j, "delta": {"role": "assistant", "content": prefix},
                                              "logprobs": None, "finish_reason": None}], **extra})
+        texts = [""] * req.n
         async for index, out in outputs:
+            if tools.is_active:  # tool calls are parsed from the whole output: sent once it is complete
+                texts[index] += out.text_delta
+                if not out.finished:
+                    continue
+                calls = tools.tool_calls(texts[index])
+                if calls is not None:
+                    delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                    yield sse({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                     "finish_reason": "tool_calls"}], **extra})
+                    continue
+                out = dataclasses.replace(out, text_delta=texts[index])
             if out.text_delta or out.finished or (req.logprobs and out.logprobs):
                 choice = {
                     "index": index, "delta": {"content": out.text_delta} if out.text_delta else {},
@@ -261,7 +305,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
         max_tokens = ctx.max_tokens_for(len(tokens), req.max_tokens, "max_tokens")
         params = sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs")
         for j, p in enumerate(_choice_params(params, req.n)):
-            prepared.append(ctx.prepare(tokens, p, f"{trace.request_id}-{i * req.n + j}"))
+            prepared.append(ctx.prepare(tokens, p, f"{trace.request_id}-{i * req.n + j}", structured_names(req)))
     count = len(prepared)
     prefixes = [prompts[k // req.n][0] if req.echo else "" for k in range(count)]
     head = {"id": trace.request_id, "created": int(time.time()), "model": ctx.model_name}

@@ -4,7 +4,7 @@ fields are refused by name, never silently ignored."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,8 @@ class StreamOptions(_Strict):
 
 class _OpenAISampling(_Strict):
     """Fields shared by chat and completions: OpenAI's plus vLLM's extra sampling parameters."""
+
+    takes_tools: ClassVar[bool] = False  # tools and tool_choice: chat only
 
     model: str | None = None
     n: int = 1
@@ -44,11 +46,17 @@ class _OpenAISampling(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # known OpenAI parameters that tokenloom does not implement: refused with a 400 naming them
+    # structured output (tokenloom.serving.structured): OpenAI's response_format, vLLM's guided_*, and on
+    # chat tools + tool_choice
     response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: bool | None = None
+    # known OpenAI parameters that tokenloom does not implement: refused with a 400 naming them
     functions: list[Any] | None = None
     function_call: Any = None
     best_of: int | None = None
@@ -65,9 +73,8 @@ class _OpenAISampling(_Strict):
     def unsupported(self) -> list[str]:
         """The unimplemented parameters this request sets to something other than their neutral value."""
         names = []
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            names.append(f"response_format={self.response_format!r}")
-        for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "suffix", "audio",
+        tool_fields = () if self.takes_tools else ("tools", "tool_choice", "parallel_tool_calls")
+        for name in (*tool_fields, "functions", "function_call", "suffix", "audio",
                      "prediction", "reasoning_effort", "web_search_options"):
             value = getattr(self, name)
             if value is not None and value != [] and not (name == "tool_choice" and value == "none"):
@@ -89,6 +96,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAISampling):
+    takes_tools: ClassVar[bool] = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
