@@ -147,6 +147,31 @@ def test_unconstrained_rows_keep_their_greedy_tokens(llm):
     jsonschema.validate(json.loads(with_grammar[2].text), constrained.json_schema)
 
 
+def test_a_constrained_row_beside_speculating_rows_decodes_one_token_a_step(llm):
+    """Prompt lookup proposes for the free row (its prompt asks to repeat a text); a row with a grammar
+    takes no proposals (its mask at a proposed position would need the grammar advanced over the
+    proposals first), and its output is valid."""
+    from tokenloom.speculative_config import SpeculativeConfig
+
+    text = "one two three four five six seven eight nine ten"
+    prompt = _chat(llm, f"Repeat exactly: {text} {text}")
+    spec = SpeculativeConfig(method="prompt_lookup", num_speculative_tokens=4)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    stats = llm.engine.speculative_stats
+    constrained = SamplingParams(temperature=0.0, max_tokens=32, speculative=spec, json_schema=schema)
+    proposed = stats.num_proposed_tokens
+    (alone,) = llm.generate([prompt], constrained)
+    assert stats.num_proposed_tokens == proposed  # nothing proposed for the constrained row
+    free, together = llm.generate([prompt, prompt], [SamplingParams(temperature=0.0, max_tokens=32, speculative=spec),
+                                                     constrained])
+    assert stats.num_proposed_tokens > proposed  # the free row did speculate
+    (plain,) = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32))
+    assert free.token_ids == plain.token_ids
+    assert together.token_ids == alone.token_ids and together.finish_reason == "stop"
+    jsonschema.validate(json.loads(together.text), schema)
+
+
 def test_the_mask_leaves_other_rows_bit_identical_and_allows_only_prefixes(llm):
     tokenizer = llm.tokenizer
     vocab = llm.engine.model.config.vocab_size
