@@ -401,11 +401,11 @@ def test_incremental_state_survives_preemption_in_the_engine(tmp_path, monkeypat
     class CheckedBatch(SamplingBatch):
         @classmethod
         def build(cls, params, token_ids, num_prompt_tokens, generators, device, vocab_size=None, state=None,
-                  request_ids=None):
+                  request_ids=None, grammars=None):
             nonlocal num_checked
             assert state is not None and request_ids is not None
             batch = SamplingBatch.build(params, token_ids, num_prompt_tokens, generators, device, vocab_size,
-                                        state=state, request_ids=request_ids)
+                                        state=state, request_ids=request_ids, grammars=grammars)
             _assert_same_processing(batch, params, token_ids, num_prompt_tokens, vocab_size, num_checked)
             num_checked += 1
             return batch

@@ -6,7 +6,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,11 +15,22 @@ from tokenloom.cache.kv_cache import KVCache
 from tokenloom.config import EngineConfig
 from tokenloom.engine.memory import MemoryUsage, kv_budget_bytes, module_bytes, peak_bytes
 from tokenloom.engine.model_runner import ModelRunner, StepResult
+from tokenloom.engine.requests import (
+    PreparedRequest,
+    RequestFailedError,
+    cache_namespace,
+    check_param_ids,
+    checked_ids,
+    checked_stop,
+    raise_if_failed,
+    request_metrics,
+    row_extra,
+)
 from tokenloom.engine.scheduler import Scheduler, SchedulerOutput
 from tokenloom.engine.sequence import FinishReason, Sequence, SequenceStatus
 from tokenloom.engine.speculator import SpeculativeStats, Speculator, push_until_stop
 from tokenloom.models.base import CausalLM
-from tokenloom.outputs import RequestMetrics, RequestOutput, TokenIdsSlice
+from tokenloom.outputs import RequestOutput, TokenIdsSlice
 from tokenloom.sampling.grammar import compile_grammar
 from tokenloom.sampling_params import SamplingParams
 
@@ -29,26 +39,6 @@ if TYPE_CHECKING:
     from tokenloom.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class RequestFailedError(RuntimeError):
-    """A step failed while computing this request (the model or the sampler raised); the request was
-    finished with finish_reason "error" and its blocks were freed. The cause is chained."""
-
-
-@dataclass
-class PreparedRequest:
-    """A request checked and ready to queue: what `Engine.prepare_request` (any thread) hands to
-    `Engine.enqueue` (the thread that steps the engine). Nothing in the engine refers to it yet."""
-
-    request_id: str
-    seq: Sequence
-    seed: int | None  # None: greedy (no generator)
-    detokenizer: IncrementalDetokenizer | None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.seq.num_prompt_tokens
 
 
 class Engine:
@@ -79,7 +69,7 @@ class Engine:
         )
         self.block_manager = BlockManager(
             num_blocks, block_size, enable_prefix_caching=self.config.enable_prefix_caching,
-            cache_namespace=_cache_namespace(model, self.dtype, self.device),
+            cache_namespace=cache_namespace(model, self.dtype, self.device),
         )
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
@@ -162,7 +152,7 @@ class Engine:
         prompt = self.checked_ids("prompt token ids", prompt_token_ids)
         self.check_param_ids(params)
         self.speculator.check(params)
-        stop = self._checked_stop(params)
+        stop = checked_stop(self.tokenizer, params)
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         if len(prompt) >= self.max_model_len:
@@ -216,31 +206,11 @@ class Engine:
 
     def checked_ids(self, what: str, ids: list[int]) -> list[int]:
         """`ids` as ints, or a ValueError naming `what` when one lies outside the vocabulary."""
-        vocab = self.model.config.vocab_size
-        values = [int(t) for t in ids]
-        bad = [t for t in values if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{what} must be in [0, {vocab}) for this model, got {bad[:5]}")
-        return values
+        return checked_ids(self.model.config.vocab_size, what, ids)
 
     def check_param_ids(self, params: SamplingParams) -> None:
         """Every token id a request's parameters name must exist in this model's vocabulary."""
-        self.checked_ids("stop_token_ids", params.stop_token_ids)
-        self.checked_ids("suppress_tokens", params.suppress_tokens)
-        self.checked_ids("begin_suppress_tokens", params.begin_suppress_tokens)
-        self.checked_ids("bad_words_ids", [t for word in params.bad_words_ids for t in word])
-        self.checked_ids("sequence_bias", [t for key in params.sequence_bias for t in key])
-
-    def _checked_stop(self, params: SamplingParams) -> list[str]:
-        """The request's stop strings (their form is checked by SamplingParams): they are matched on
-        the detokenized text, so they need the engine's tokenizer."""
-        stop = params.stop
-        if stop and self.tokenizer is None:
-            raise ValueError(
-                f"stop strings {stop[:5]!r} need a tokenizer to match the generated text, and this engine "
-                "has none; create it with Engine(model, config, tokenizer=...) or use stop_token_ids"
-            )
-        return stop
+        check_param_ids(self.model.config.vocab_size, params)
 
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -280,7 +250,8 @@ class Engine:
         rows = {item.seq.request_id: row for row, item in enumerate(i for i in out.scheduled if i.samples)}
         lengths = {item.seq.request_id: item.seq.num_tokens for item in out.scheduled}
         try:
-            result = self.runner.step(out, self.speculator.draft_probs)
+            draft_probs = self.speculator.draft_probs
+            result = self.runner.step(out, draft_probs) if draft_probs else self.runner.step(out)
             self.speculator.record(out, result.sampled_token_ids)
             touched = self.scheduler.update(out, result.sampled_token_ids)
         except Exception as exc:
@@ -320,7 +291,7 @@ class Engine:
                 finish_reason=FinishReason.ERROR.value,
                 error=message,
                 exception=exc,
-                metrics=_metrics(seq),
+                metrics=request_metrics(seq),
             ))
         return outputs
 
@@ -328,7 +299,7 @@ class Engine:
         """Step until every queued request has finished, yielding each output."""
         while self.has_unfinished():
             for out in self.step():
-                _raise_if_failed(out)
+                raise_if_failed(out)
                 yield out
 
     def add_requests(
@@ -357,7 +328,7 @@ class Engine:
                     for out in self._mailbox.pop(request_id):
                         if out.finished:
                             pending.discard(request_id)
-                        _raise_if_failed(out)
+                        raise_if_failed(out)
                         yield out
                 # A request aborted by another caller: its consumer still learns that it ended.
                 for request_id in [r for r in request_ids if r in pending]:
@@ -408,10 +379,10 @@ class Engine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=stop_reason,
-            logprobs=_row_extra(result.logprobs, row),
-            scores=_row_extra(result.scores, row),
-            logits=_row_extra(result.logits, row),
-            metrics=_metrics(seq) if seq.is_finished else None,
+            logprobs=row_extra(result.logprobs, row),
+            scores=row_extra(result.scores, row),
+            logits=row_extra(result.logits, row),
+            metrics=request_metrics(seq) if seq.is_finished else None,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -430,32 +401,4 @@ class Engine:
         return prompt_logits(self, prompts)
 
 
-def _cache_namespace(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str:
-    """What the prefix cache's keys start from: everything besides the tokens that decides what a KV
-    block holds (the pool belongs to one model, so this guards against mixing modes in one pool)."""
-    formats = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
-    return f"{type(model).__module__}.{type(model).__qualname__}|{dtype}|{device.type}|{','.join(formats)}"
-
-
-def _raise_if_failed(out: RequestOutput) -> None:
-    if out.error is not None:
-        raise RequestFailedError(f"request {out.request_id!r} failed: {out.error}") from out.exception
-
-
-def _metrics(seq: Sequence) -> RequestMetrics:
-    return RequestMetrics(
-        arrival_time=seq.arrival_time,
-        first_scheduled_time=seq.first_scheduled_time,
-        first_token_time=seq.first_token_time,
-        finished_time=time.monotonic(),
-        num_prompt_tokens=seq.num_prompt_tokens,
-        num_generated_tokens=seq.num_output_tokens,
-        num_cached_tokens=seq.num_cached_tokens,
-    )
-
-
-def _row_extra(values: list, row: int) -> list | None:
-    """A runner row's extra (logprobs, scores or logits) as the one-entry list for its new token;
-    None when the row did not ask for it (or the runner does not produce it)."""
-    value = values[row] if row < len(values) else None
-    return None if value is None else [value]
+__all__ = ["Engine", "PreparedRequest", "RequestFailedError"]
