@@ -46,7 +46,7 @@ def test_bench_quick_without_transformers(smollm2_gguf, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     # one thread: on a small shared machine two OpenMP threads can stall each other for seconds
     code = main(["bench", "--quick", "--no-transformers", "--threads", "1", "--peers", str(tmp_path / "none"),
-                 "--json", str(out_json)])
+                 "--structured", "--speculative", "--json", str(out_json)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
 
@@ -75,6 +75,12 @@ def test_bench_quick_without_transformers(smollm2_gguf, tmp_path, capsys):
                                "prefix_ratio", "prefix_hit_rate"}
         assert all(v > 0 for v in values.values())
     assert set(data["ratios_of_default"]) == {"tokenloom (fp32 exact)"}
+    assert "structured output: 4 concurrent x 16 tokens: JSON schema" in captured.out
+    assert data["structured"]["json_tok_s"] > 0 and data["structured"]["free_tok_s"] > 0
+    assert "speculative decoding, prompt lookup (k=5) on an edit task" in captured.out
+    spec = data["speculative"]
+    assert spec["same_tokens"] is True  # greedy with prompt lookup gives the plain tokens
+    assert spec["prompt_lookup"]["acceptance_rate"] > 0 and spec["prompt_lookup"]["mean_accepted_length"] > 1
 
 
 def test_bench_rejects_bad_sizes(capsys):

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured", action="store_true",
                         help="also measure --concurrency JSON-schema requests against as many unconstrained ones "
                              "(what the grammar mask costs)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="also measure one stream on an edit task with and without prompt lookup (the speed-up, "
+                             "the acceptance rate and the mean accepted length)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
@@ -225,6 +228,12 @@ def run(args: argparse.Namespace) -> int:
 
         progress("structured output: JSON-schema requests vs unconstrained ones")
         structured = measure_structured(llm, settings.concurrency, settings.new_tokens, settings.repeats)
+    speculative = None
+    if getattr(args, "speculative", False):
+        from tokenloom.bench.speculative import measure_speculative
+
+        progress("speculative decoding: one stream on an edit task, with and without prompt lookup")
+        speculative = measure_speculative(llm, settings.new_tokens, 5, settings.repeats)
     env["load_average_end"] = load_average()
     env["peak_rss_mib_end"] = round(peak_rss_mib(), 1)
     progress("done")
@@ -254,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
         print(note)
     if structured is not None:
         print(structured.describe())
+    if speculative is not None:
+        from tokenloom.bench.speculative import describe
+
+        print(describe(speculative))
     if args.json:
         payload = {**env, "model": args.model, "settings": vars(settings),
                    "results": {r.name: r.values for r in rows},
@@ -261,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
         if structured is not None:
             payload["structured"] = {"json_tok_s": structured.json_tok_s, "free_tok_s": structured.free_tok_s,
                                      "mask_cost": structured.mask_cost}
+        if speculative is not None:
+            payload["speculative"] = speculative
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         progress(f"wrote {args.json}")
     return 0

@@ -31,8 +31,22 @@ def run(model: str, new_tokens: int, k: int, repeats: int, dtype: str | None = N
     from tokenloom.llm import LLM
 
     llm = LLM(model, dtype=dtype, engine_config=EngineConfig(max_num_seqs=1))
+    return {"model": model, **measure_speculative(llm, new_tokens, k, repeats)}
+
+
+def describe(results: dict[str, Any]) -> str:
+    """One paragraph of `measure_speculative`'s figures, for `tokenloom bench --speculative`."""
+    plain, lookup = results["plain"], results["prompt_lookup"]
+    return (f"speculative decoding, prompt lookup (k={results['k']}) on an edit task ({results['prompt_tokens']}-token "
+            f"prompt, {results['new_tokens']} new tokens, one stream): {lookup['tok_s']:.1f} tok/s vs "
+            f"{plain['tok_s']:.1f} plain ({results['speed_up']:.2f}x); acceptance rate {lookup['acceptance_rate']}, "
+            f"mean accepted length {lookup['mean_accepted_length']}; same tokens as plain: {results['same_tokens']}")
+
+
+def measure_speculative(llm: Any, new_tokens: int, k: int, repeats: int) -> dict[str, Any]:
+    """Best-of-`repeats` single-stream greedy tok/s on TASK without and with prompt lookup."""
     prompt = llm.tokenizer.encode(TASK)
-    results: dict[str, Any] = {"model": model, "prompt_tokens": len(prompt), "new_tokens": new_tokens, "k": k}
+    results: dict[str, Any] = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "k": k}
     outputs = {}
     for name, spec in (("plain", None), ("prompt_lookup", SpeculativeConfig("prompt_lookup", k))):
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, speculative=spec)
