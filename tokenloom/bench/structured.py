@@ -9,8 +9,9 @@ from typing import Any
 
 from tokenloom.sampling_params import SamplingParams
 
-# An array of bounded integers never completes by itself, so every request decodes its full length,
-# as the unconstrained ones do with ignore_eos.
+# An array of records; `measure_structured` asks for more items than fit in its token budget (each takes
+# several tokens), so no request completes early and every one decodes its full length, as the
+# unconstrained ones do with ignore_eos (requests that closed the array early left a narrower batch).
 BENCH_SCHEMA: dict[str, Any] = {"type": "array", "items": {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 9999}, "tag": {"enum": ["alpha", "beta", "gamma"]},
     "name": {"type": "string", "maxLength": 12}}, "required": ["id", "tag", "name"], "additionalProperties": False}}
@@ -46,7 +47,8 @@ def measure_structured(llm: Any, concurrency: int, new_tokens: int, repeats: int
     sampled at temperature 1 with per-request seeds, `new_tokens` each, alternating phase by phase."""
     prompt = llm.chat_prompt([{"role": "user", "content": "List some records as JSON."}])
     free = [SamplingParams(temperature=1.0, seed=i, max_tokens=new_tokens, ignore_eos=True) for i in range(concurrency)]
-    constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=new_tokens, json_schema=BENCH_SCHEMA)
+    schema = {**BENCH_SCHEMA, "minItems": new_tokens}
+    constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=new_tokens, json_schema=schema)
                    for i in range(concurrency)]
     _tok_s(llm, prompt, free[:2])  # warm-up
     best_free = best_json = 0.0
