@@ -35,6 +35,12 @@ from tokenloom.cli.model_options import (
     read_chat_template,
     sampling_params,
 )
+from tokenloom.cli.speculative_options import (
+    add_generate_speculative_args,
+    generate_speculative_config,
+    load_draft,
+    prepare_draft,
+)
 
 EXAMPLES = (
     "tokenloom chat",
@@ -64,16 +70,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
     add_chat_template_arg(p)
     p.add_argument("--stats", action="store_true", help="after each reply: tokens, tokens/s and time to first token")
+    add_generate_speculative_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    speculative = generate_speculative_config(args)
     check_sampling_args(args)
     template = read_chat_template(args)
     source = prepare_model(args)
+    draft_source = prepare_draft(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     check_chat_template(args, source, template, system)  # before the slow load
-    llm = load_llm(args, source)
+    llm = load_llm(args, source, speculative)
+    load_draft(llm, draft_source, args)
     params = sampling_params(llm, args)
     return ChatSession(llm, params, args, template).loop()
 

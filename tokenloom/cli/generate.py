@@ -21,6 +21,12 @@ from tokenloom.cli.model_options import (
     read_chat_template,
     sampling_params,
 )
+from tokenloom.cli.speculative_options import (
+    add_generate_speculative_args,
+    generate_speculative_config,
+    load_draft,
+    prepare_draft,
+)
 from tokenloom.sampling_params import ParameterError
 
 EXAMPLES = (
@@ -29,6 +35,7 @@ EXAMPLES = (
     "echo 'Once upon a time' | tokenloom generate - -n 60 --temperature 0.8 --seed 1",
     "tokenloom generate --file prompt.txt --json --logprobs 3 > out.json",
     'tokenloom generate --chat "A person as JSON" --json-schema person.schema.json --temperature 1',
+    'tokenloom generate --chat "Repeat this sentence: the cat sat on the mat." --prompt-lookup 5',
 )
 
 
@@ -57,6 +64,7 @@ def register(subparsers: Any) -> None:
                             help="constrain the output to a match of the regular expression PATTERN")
     structured.add_argument("--choice", action="append", default=None, metavar="TEXT",
                             help="constrain the output to one of these strings (repeat the flag for each)")
+    add_generate_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -126,16 +134,19 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
+    speculative = generate_speculative_config(args)
     prompt_text = read_prompt(args)
     check_sampling_args(args)
     structured = read_structured(args)
     template = read_chat_template(args)
     started = time.perf_counter()
     source = prepare_model(args)
+    draft_source = prepare_draft(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.chat:
         check_chat_template(args, source, template, system)  # before the slow load
-    llm = load_llm(args, source)
+    llm = load_llm(args, source, speculative)
+    load_draft(llm, draft_source, args)
     load_s = time.perf_counter() - started
     params = sampling_params(llm, args)
     if structured:
@@ -191,6 +202,8 @@ def _print_json(llm: Any, args: argparse.Namespace, prompt_text: str, prompt: An
             else None,
         },
     }
+    if llm.engine.config.speculative is not None:
+        result["speculative"] = llm.engine.speculative_stats.as_dict()
     if args.logprobs is not None:
         decode = llm.tokenizer.decode
         result["logprobs"] = [

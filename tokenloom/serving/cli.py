@@ -74,6 +74,24 @@ def add_serve_arguments(p: argparse.ArgumentParser, model_args: bool = True) -> 
     p.add_argument("--max-body-bytes", type=parse_size, default="4MiB", metavar="SIZE",
                    help="largest request body; larger ones get 413")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from tokenloom.cli.speculative_options import add_serve_speculative_args
+
+    add_serve_speculative_args(p)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> Any:
+    """The EngineConfig the serve flags ask for (prefix cache, KV budget, batch size, speculative
+    decoding for every request); a UsageError for speculative flags that do not go together."""
+    from tokenloom.cli.speculative_options import serve_speculative_config
+    from tokenloom.config import EngineConfig
+
+    engine_fields: dict[str, Any] = {"enable_prefix_caching": not args.no_prefix_cache,
+                                     "speculative": serve_speculative_config(args)}
+    if args.kv_cache_memory is not None:
+        engine_fields["kv_cache_memory"] = args.kv_cache_memory
+    if args.max_num_seqs is not None:
+        engine_fields["max_num_seqs"] = args.max_num_seqs
+    return EngineConfig(**engine_fields)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,7 +99,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tokenloom.config import EngineConfig
     from tokenloom.serving import ServerConfig, create_app
 
     template = None
@@ -96,16 +113,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_total_tokens,
         max_body_bytes=args.max_body_bytes, chat_template=template, model_id=str(args.model),
     )
-    engine_fields: dict[str, Any] = {"enable_prefix_caching": not args.no_prefix_cache}
-    if args.kv_cache_memory is not None:
-        engine_fields["kv_cache_memory"] = args.kv_cache_memory
-    if args.max_num_seqs is not None:
-        engine_fields["max_num_seqs"] = args.max_num_seqs
-    engine_config = EngineConfig(**engine_fields)
+    engine_config = engine_config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
 
+    draft_source = getattr(args, "draft_source", None)  # the CLI finds (and pulls) --draft-model first
+    if draft_source is None and args.draft_model is not None:
+        from tokenloom.cli.speculative_options import prepare_draft
+
+        draft_source = prepare_draft(args)
+
     def load():
+        from tokenloom.cli.speculative_options import attach_draft
         from tokenloom.llm import LLM
 
         start = time.perf_counter()
@@ -113,10 +132,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_path = getattr(args, "model_path", None)
         llm = LLM(model_path or args.model, gguf_file=None if model_path else args.gguf_file,
                   device_map=args.device, dtype=args.dtype, engine_config=engine_config)
-        logging.getLogger("tokenloom.serving").info(
+        log = logging.getLogger("tokenloom.serving")
+        log.info(
             "loaded %s in %.2fs on %s; KV cache %d blocks of %d tokens", llm.loaded.checkpoint.source.path.name,
             time.perf_counter() - start, llm.loaded.device, llm.engine.block_manager.num_blocks,
             llm.engine.block_manager.block_size)
+        spec = engine_config.speculative
+        if draft_source is not None:
+            seconds = attach_draft(llm, draft_source, args)
+            log.info("loaded draft model %s in %.2fs", draft_source.path.name, seconds)
+        if spec is not None:
+            log.info("speculative decoding for every request: %s, up to %d tokens per step", spec.method,
+                     spec.num_speculative_tokens)
         return llm
 
     app = create_app(config, load=load)
