@@ -46,6 +46,15 @@ class EngineStats:
     num_failed_steps: int = 0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission
     prefix_cache_hits: int = 0  # of those, tokens whose KV came from the cache
+    spec_decode_num_drafts: int = 0  # speculating rows verified (one row, one step)
+    spec_decode_num_draft_tokens: int = 0  # tokens proposed by speculative decoding
+    spec_decode_num_accepted_tokens: int = 0  # of those, tokens the model accepted
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float:
+        """Accepted / proposed speculative tokens, 0 before any proposal."""
+        return self.spec_decode_num_accepted_tokens / self.spec_decode_num_draft_tokens \
+            if self.spec_decode_num_draft_tokens else 0.0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -287,7 +296,7 @@ class AsyncEngine:
                         self._abort(out.request_id)
 
     def _publish(self, steps: int = 0) -> None:
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        scheduler, blocks, spec = self.engine.scheduler, self.engine.block_manager, self.engine.speculative_stats
         previous = self._stats
         self._stats = EngineStats(
             num_running=len(scheduler.running),
@@ -298,6 +307,9 @@ class AsyncEngine:
             num_failed_steps=self._num_failed_steps,
             prefix_cache_queries=blocks.prefix_cache_stats.queries,
             prefix_cache_hits=blocks.prefix_cache_stats.hits,
+            spec_decode_num_drafts=spec.num_verified_rows,
+            spec_decode_num_draft_tokens=spec.num_proposed_tokens,
+            spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
         )
 
     def _close_all(self) -> None:

@@ -32,6 +32,15 @@ class Metrics:
                                  "Prompt tokens whose KV came from the prefix cache (since start)", registry=r)
         self.prefix_hit_rate = Gauge("tokenloom:prefix_cache_hit_rate",
                                      "prefix_cache_hits / prefix_cache_queries (0 before any lookup)", registry=r)
+        self.spec_drafts = Gauge("tokenloom:spec_decode_num_drafts",
+                                 "Speculating rows verified, one row in one step (since start)", registry=r)
+        self.spec_draft_tokens = Gauge("tokenloom:spec_decode_num_draft_tokens",
+                                       "Tokens proposed by speculative decoding (since start)", registry=r)
+        self.spec_accepted_tokens = Gauge("tokenloom:spec_decode_num_accepted_tokens",
+                                          "Proposed tokens the model accepted (since start)", registry=r)
+        self.spec_acceptance_rate = Gauge("tokenloom:spec_decode_draft_acceptance_rate",
+                                          "spec_decode_num_accepted_tokens / spec_decode_num_draft_tokens "
+                                          "(0 before any proposal)", registry=r)
         self.healthy = Gauge("tokenloom:engine_healthy", "1 while the engine loop runs and steps succeed", registry=r)
         self.weights_bytes = Gauge("tokenloom:weights_bytes", "Bytes held by the model's weights (with the dense copies built so far)", registry=r)
         self.kv_cache_bytes = Gauge("tokenloom:kv_cache_bytes", "Bytes held by the KV-cache pool", registry=r)
@@ -67,6 +76,10 @@ class Metrics:
         self.prefix_queries.set_function(lambda: engine.stats.prefix_cache_queries)
         self.prefix_hits.set_function(lambda: engine.stats.prefix_cache_hits)
         self.prefix_hit_rate.set_function(lambda: _ratio(engine.stats.prefix_cache_hits, engine.stats.prefix_cache_queries))
+        self.spec_drafts.set_function(lambda: engine.stats.spec_decode_num_drafts)
+        self.spec_draft_tokens.set_function(lambda: engine.stats.spec_decode_num_draft_tokens)
+        self.spec_accepted_tokens.set_function(lambda: engine.stats.spec_decode_num_accepted_tokens)
+        self.spec_acceptance_rate.set_function(lambda: engine.stats.spec_decode_acceptance_rate)
         from tokenloom.engine.memory import module_bytes, peak_bytes
 
         model, device = engine.engine.model, engine.engine.device
