@@ -268,6 +268,25 @@ def test_smollm2_greedy_with_speculation_equals_plain_greedy(smollm2, method, on
     assert llm.engine.speculative_stats.num_verified_rows > before
 
 
+def test_smollm2_default_mode_greedy_with_prompt_lookup_equals_plain_greedy(smollm2_gguf, one_torch_thread):
+    """In the default (quantized) mode too: each verified position is a row of a decode step, through
+    the same fused path and kernels as plain decoding (chunks of at most the kernels' width), so the
+    bfloat16 roundings are the same and greedy output is unchanged, for one stream on an edit task and
+    for 8 streams at once."""
+    from tokenloom import LLM
+    from tokenloom.bench.speculative import TASK
+
+    llm = LLM(str(smollm2_gguf))
+    spec = SpeculativeConfig("prompt_lookup", num_speculative_tokens=5)
+    task = [llm.tokenizer.encode(TASK)]
+    expected = _greedy(llm.engine, task, [None], n=128)
+    assert _greedy(llm.engine, task, [spec], n=128) == expected
+    assert llm.engine.speculative_stats.acceptance_rate > 0.3
+    prompts = [llm.tokenizer.encode(p) for p in GREEDY_PROMPTS[:8]]
+    expected = _greedy(llm.engine, prompts, [None] * 8, n=32)
+    assert _greedy(llm.engine, prompts, [spec] * 8, n=32) == expected
+
+
 def test_smollm2_stop_string_inside_an_accepted_run(smollm2, one_torch_thread):
     llm, draft = smollm2
     llm.engine.set_draft_model(draft)

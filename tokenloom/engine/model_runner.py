@@ -89,6 +89,7 @@ class ModelRunner:
             warnings.warn(f"compile=True: the decode step runs eagerly ({blocker})", RuntimeWarning, stacklevel=3)
         self._compile_after = 0 if compile else compile_after
         self.num_decode_steps = 0  # decode-only steps run so far
+        self._kernel_rows_limit: int | None | bool = False  # False: not looked up yet
 
     @property
     def block_size(self) -> int:
@@ -147,6 +148,28 @@ class ModelRunner:
             logits = compiled.run(input_ids, context_lens, block_tables)
             if logits is not None:
                 return logits
+        return self.decode_rows_logits(input_ids, context_lens, block_tables)
+
+    @property
+    def kernel_rows_limit(self) -> int | None:
+        """The widest call the model's quantized kernels take (wider ones use its dense copies), or
+        None when no layer switches by width (the exact mode)."""
+        if self._kernel_rows_limit is False:
+            from tokenloom.models.head import ShortlistHead
+            from tokenloom.models.linear import QuantizedLinear
+
+            limits = {m.max_kernel_rows for m in self.model.modules()
+                      if (isinstance(m, QuantizedLinear) and m.keeps_dense) or isinstance(m, ShortlistHead)}
+            self._kernel_rows_limit = min(limits) if limits else None
+        return self._kernel_rows_limit
+
+    def decode_rows_logits(
+        self, input_ids: list[int], context_lens: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [rows, vocab] of one query per row, eagerly over DecodeMetadata: row i is the token
+        at position context_lens[i] - 1 of the sequence whose blocks are block_tables[i]. Several rows
+        may be consecutive positions of one sequence (a speculative verify): every row's keys and
+        values are written before any row attends, so each sees those before it."""
         meta = DecodeMetadata.build(
             input_ids, context_lens, block_tables, self.block_size, self.device, self.kv_cache.scratch_slot
         )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenloom.engine.scheduler import ScheduledSequence, SchedulerOutput
+from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.sampling.sampler import SamplingBatch, process_logits
 from tokenloom.sampling.speculative import verify_greedy, verify_sampled
 
@@ -19,16 +19,40 @@ if TYPE_CHECKING:
 
 def speculative_step(runner: ModelRunner, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor]) -> StepResult:
     """sampled_token_ids holds an int for a plain row and a list (accepted proposed tokens, then the
-    target's own) for a speculating row, in scheduled order of the sampling rows."""
-    hidden = runner.forward_hidden(out)  # [num_tokens, hidden]
-    positions: list[int] = []
-    sampling: list[ScheduledSequence] = []
-    for end, item in zip(itertools.accumulate(i.num_new_tokens for i in out.scheduled), out.scheduled):
-        if item.samples:
-            sampling.append(item)
-            positions.extend(range(end - 1 - len(item.spec_token_ids), end))  # the last known token on
+    target's own) for a speculating row, in scheduled order of the sampling rows.
+
+    When every row decodes (no prompt chunk in the step), each position to verify is a row of a decode
+    step: the same path (fused on the CPU) and so the same numbers as plain decoding would give at
+    that position, which keeps greedy output identical to plain greedy in every weight mode. A step of
+    sequences few enough for the quantized kernels (plain decoding would use them) verifies in calls
+    of at most that many rows, so that the extra rows do not switch it to the dense copies; a later
+    call of one sequence's positions sees the keys its earlier call wrote."""
+    sampling = [item for item in out.scheduled if item.samples]
     device = runner.device
-    logits = runner.model.compute_logits(hidden[torch.tensor(positions, device=device)])  # [positions, vocab]
+    if len(sampling) == len(out.scheduled) and all(
+        item.num_new_tokens == 1 + len(item.spec_token_ids) for item in sampling
+    ):
+        input_ids, context_lens, block_tables = [], [], []
+        for item in sampling:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            for j, token in enumerate([seq.token_ids[start], *item.spec_token_ids]):
+                input_ids.append(token)
+                context_lens.append(start + j + 1)
+                block_tables.append(seq.block_ids)
+        limit = runner.kernel_rows_limit
+        width = len(input_ids) if limit is None or len(sampling) > limit else limit
+        logits = torch.cat([
+            runner.decode_rows_logits(input_ids[a : a + width], context_lens[a : a + width], block_tables[a : a + width])
+            for a in range(0, len(input_ids), width)
+        ])  # [positions, vocab]
+    else:
+        hidden = runner.forward_hidden(out)  # [num_tokens, hidden]
+        positions: list[int] = []
+        for end, item in zip(itertools.accumulate(i.num_new_tokens for i in out.scheduled), out.scheduled):
+            if item.samples:
+                positions.extend(range(end - 1 - len(item.spec_token_ids), end))  # the last known token on
+        logits = runner.model.compute_logits(hidden[torch.tensor(positions, device=device)])  # [positions, vocab]
     firsts = list(itertools.accumulate((len(i.spec_token_ids) + 1 for i in sampling), initial=0))
     plain = [row for row, item in enumerate(sampling) if not item.spec_token_ids]
     speculating = [row for row, item in enumerate(sampling) if item.spec_token_ids]

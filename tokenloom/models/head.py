@@ -120,18 +120,20 @@ class ShortlistHead(Linear):
     def refine(self, rows: torch.Tensor, approximate: torch.Tensor) -> torch.Tensor:
         """`approximate` [n, out_features] (overwritten) with each row's `shortlist` largest entries
         recomputed exactly from `rows` [n, in_features]; rows whose shortlist may miss the exact
-        argmax are recomputed in full."""
+        argmax are recomputed in full. Each row's result is independent of the others in the call
+        (a multiply and a sum rather than bmm, one row at a time in the full recompute), so a row gives
+        the same logits alone as in a batch, e.g. in a speculative verify step."""
         n = rows.shape[0]
         values, top = top_k(approximate, self.shortlist)  # [n, K]
         gathered = self.weight.index_select(0, top.reshape(-1)).view(n, self.shortlist, self.in_features)
-        exact = torch.bmm(gathered, rows.to(self.weight.dtype).unsqueeze(-1)).squeeze(-1)  # [n, K]
+        exact = (gathered * rows.to(self.weight.dtype)[:, None, :]).sum(dim=-1)  # [n, K]
         logits = approximate.scatter_(1, top, exact.to(approximate.dtype))
         best = exact.amax(dim=-1)
         margin = self.MARGIN * torch.maximum(best.abs(), values.abs().amax(dim=-1))
         unsure = best < values.amin(dim=-1) + margin
         if bool(unsure.any()):
-            where = unsure.nonzero().squeeze(-1)
-            logits[where] = F.linear(rows[where].to(self.weight.dtype), self.weight).to(logits.dtype)
+            for row in unsure.nonzero().squeeze(-1).tolist():
+                logits[row] = F.linear(rows[row : row + 1].to(self.weight.dtype), self.weight)[0].to(logits.dtype)
         return logits
 
     def extra_repr(self) -> str:
