@@ -44,8 +44,11 @@ def describe(results: dict[str, Any]) -> str:
 
 
 def measure_speculative(llm: Any, new_tokens: int, k: int, repeats: int) -> dict[str, Any]:
-    """Best-of-`repeats` single-stream greedy tok/s on TASK without and with prompt lookup."""
+    """Best-of-`repeats` single-stream greedy tok/s on TASK without and with prompt lookup, for at most
+    as many new tokens as the text to edit has (EOS is ignored, so past the edited copy the model would
+    ramble on, which measures something else)."""
     prompt = llm.tokenizer.encode(TASK)
+    new_tokens = min(new_tokens, len(llm.tokenizer.encode(TEXT)))
     results: dict[str, Any] = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "k": k}
     outputs = {}
     for name, spec in (("plain", None), ("prompt_lookup", SpeculativeConfig("prompt_lookup", k))):
