@@ -130,6 +130,7 @@ def test_serve_flags_build_the_engine_config():
     assert _serve_config("--speculative-method", "prompt_lookup").speculative.num_speculative_tokens == 5
     draft = _serve_config("--speculative-method", "draft", "--draft-model", "d.gguf", "--max-num-seqs", "3")
     assert draft.speculative == SpeculativeConfig("draft_model", 5) and draft.max_num_seqs == 3
+    assert not _serve_config("--no-prefix-cache").enable_prefix_caching  # on unless turned off
 
 
 @pytest.fixture(scope="module")
