@@ -51,6 +51,11 @@ class EngineStats:
     spec_decode_num_accepted_tokens: int = 0  # of those, tokens the model accepted
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache / looked up, 0 before any lookup."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
     def spec_decode_acceptance_rate(self) -> float:
         """Accepted / proposed speculative tokens, 0 before any proposal."""
         return self.spec_decode_num_accepted_tokens / self.spec_decode_num_draft_tokens \

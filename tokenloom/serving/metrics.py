@@ -13,6 +13,21 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Counts since start, read from the engine loop's EngineStats snapshot: (metric name, field, description)
+_SNAPSHOT_GAUGES = (
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache (since start)"),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache (since start)"),
+    ("prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "prefix_cache_hits / prefix_cache_queries (0 before any lookup)"),
+    ("spec_decode_num_drafts", "spec_decode_num_drafts",
+     "Speculating rows verified, one row in one step (since start)"),
+    ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens",
+     "Tokens proposed by speculative decoding (since start)"),
+    ("spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens",
+     "Proposed tokens the model accepted (since start)"),
+    ("spec_decode_draft_acceptance_rate", "spec_decode_acceptance_rate",
+     "spec_decode_num_accepted_tokens / spec_decode_num_draft_tokens (0 before any proposal)"),
+)
 
 
 class Metrics:
@@ -26,21 +41,10 @@ class Metrics:
                              "Requests waiting: in the engine's queue or for a concurrency slot", registry=r)
         self.kv_usage = Gauge("tokenloom:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)", registry=r)
         self.kv_free = Gauge("tokenloom:kv_cache_free_blocks", "KV-cache blocks in the free pool", registry=r)
-        self.prefix_queries = Gauge("tokenloom:prefix_cache_queries",
-                                    "Prompt tokens looked up in the prefix cache (since start)", registry=r)
-        self.prefix_hits = Gauge("tokenloom:prefix_cache_hits",
-                                 "Prompt tokens whose KV came from the prefix cache (since start)", registry=r)
-        self.prefix_hit_rate = Gauge("tokenloom:prefix_cache_hit_rate",
-                                     "prefix_cache_hits / prefix_cache_queries (0 before any lookup)", registry=r)
-        self.spec_drafts = Gauge("tokenloom:spec_decode_num_drafts",
-                                 "Speculating rows verified, one row in one step (since start)", registry=r)
-        self.spec_draft_tokens = Gauge("tokenloom:spec_decode_num_draft_tokens",
-                                       "Tokens proposed by speculative decoding (since start)", registry=r)
-        self.spec_accepted_tokens = Gauge("tokenloom:spec_decode_num_accepted_tokens",
-                                          "Proposed tokens the model accepted (since start)", registry=r)
-        self.spec_acceptance_rate = Gauge("tokenloom:spec_decode_draft_acceptance_rate",
-                                          "spec_decode_num_accepted_tokens / spec_decode_num_draft_tokens "
-                                          "(0 before any proposal)", registry=r)
+        # (gauge, the EngineStats field it reads at scrape time)
+        self.snapshot_gauges = [
+            (Gauge(f"tokenloom:{name}", description, registry=r), field) for name, field, description in _SNAPSHOT_GAUGES
+        ]
         self.healthy = Gauge("tokenloom:engine_healthy", "1 while the engine loop runs and steps succeed", registry=r)
         self.weights_bytes = Gauge("tokenloom:weights_bytes", "Bytes held by the model's weights (with the dense copies built so far)", registry=r)
         self.kv_cache_bytes = Gauge("tokenloom:kv_cache_bytes", "Bytes held by the KV-cache pool", registry=r)
@@ -73,13 +77,8 @@ class Metrics:
         self.kv_usage.set_function(lambda: engine.stats.kv_cache_usage)
         self.kv_free.set_function(lambda: engine.stats.num_free_kv_blocks)
         self.healthy.set_function(lambda: 1.0 if engine.is_healthy else 0.0)
-        self.prefix_queries.set_function(lambda: engine.stats.prefix_cache_queries)
-        self.prefix_hits.set_function(lambda: engine.stats.prefix_cache_hits)
-        self.prefix_hit_rate.set_function(lambda: _ratio(engine.stats.prefix_cache_hits, engine.stats.prefix_cache_queries))
-        self.spec_drafts.set_function(lambda: engine.stats.spec_decode_num_drafts)
-        self.spec_draft_tokens.set_function(lambda: engine.stats.spec_decode_num_draft_tokens)
-        self.spec_accepted_tokens.set_function(lambda: engine.stats.spec_decode_num_accepted_tokens)
-        self.spec_acceptance_rate.set_function(lambda: engine.stats.spec_decode_acceptance_rate)
+        for gauge, field in self.snapshot_gauges:
+            gauge.set_function(lambda field=field: getattr(engine.stats, field))
         from tokenloom.engine.memory import module_bytes, peak_bytes
 
         model, device = engine.engine.model, engine.engine.device
@@ -108,7 +107,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _ratio(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
