@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tests.tiny_models import reference_greedy, write_tiny_gguf
+from tests.tiny_models import reference_greedy, run_counting_preemptions, write_tiny_gguf
 from tokenloom.config import EngineConfig
 from tokenloom.engine.beam_search import BeamSearchParams, beam_search
 from tokenloom.engine.engine import Engine
@@ -108,8 +108,6 @@ def test_preempted_requests_resume_from_their_cached_blocks(model) -> None:
     requests = [(SYSTEM + [i] * 6, _greedy(24)) for i in range(3, 9)]
     cold = _run(_engine(model, cache=False, num_kv_blocks=40), requests)
     engine = _engine(model, num_kv_blocks=20)
-    from tests.tiny_models import run_counting_preemptions
-
     ids = engine.add_requests(requests, detokenize=False)
     assert run_counting_preemptions(engine) > 0
     seqs = [engine._sequences.get(i) for i in ids]

@@ -183,7 +183,8 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let `child` share every block of `parent` (its whole prefix); nothing is copied until a
-        write lands in a shared block, see `copy_on_write`. `child` must hold no blocks yet."""
+        write lands in a shared block, see `copy_on_write`. `child` must hold no blocks yet, and its
+        tokens must start with all of `parent`'s (what makes the shared blocks its own)."""
         if child.block_ids:
             raise ValueError(f"fork: sequence {child.request_id!r} already holds blocks")
         for block_id in parent.block_ids:
@@ -193,9 +194,7 @@ class BlockManager:
         child.num_freed_blocks = parent.num_freed_blocks
         child.num_committed_blocks = parent.num_committed_blocks
         # the child's tokens start with the parent's, so the parent's block keys are its own too
-        num_shared = min(len(parent.block_hashes), len(child.token_ids) // self.block_size)
-        if parent.token_ids[: num_shared * self.block_size] == child.token_ids[: num_shared * self.block_size]:
-            child.block_hashes = parent.block_hashes[:num_shared]
+        child.block_hashes = list(parent.block_hashes)
 
     def num_shared_blocks_to_write(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks of `seq` that the next `num_new_tokens` writes land in and that another table
