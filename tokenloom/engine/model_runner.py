@@ -3,6 +3,7 @@ tokens become tensors."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass, field
@@ -89,7 +90,6 @@ class ModelRunner:
             warnings.warn(f"compile=True: the decode step runs eagerly ({blocker})", RuntimeWarning, stacklevel=3)
         self._compile_after = 0 if compile else compile_after
         self.num_decode_steps = 0  # decode-only steps run so far
-        self._kernel_rows_limit: int | None | bool = False  # False: not looked up yet
 
     @property
     def block_size(self) -> int:
@@ -150,18 +150,16 @@ class ModelRunner:
                 return logits
         return self.decode_rows_logits(input_ids, context_lens, block_tables)
 
-    @property
+    @functools.cached_property
     def kernel_rows_limit(self) -> int | None:
         """The widest call the model's quantized kernels take (wider ones use its dense copies), or
         None when no layer switches by width (the exact mode)."""
-        if self._kernel_rows_limit is False:
-            from tokenloom.models.head import ShortlistHead
-            from tokenloom.models.linear import QuantizedLinear
+        from tokenloom.models.head import ShortlistHead
+        from tokenloom.models.linear import QuantizedLinear
 
-            limits = {m.max_kernel_rows for m in self.model.modules()
-                      if (isinstance(m, QuantizedLinear) and m.keeps_dense) or isinstance(m, ShortlistHead)}
-            self._kernel_rows_limit = min(limits) if limits else None
-        return self._kernel_rows_limit
+        limits = {m.max_kernel_rows for m in self.model.modules()
+                  if (isinstance(m, QuantizedLinear) and m.keeps_dense) or isinstance(m, ShortlistHead)}
+        return min(limits) if limits else None
 
     def decode_rows_logits(
         self, input_ids: list[int], context_lens: list[int], block_tables: list[list[int]]
