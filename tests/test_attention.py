@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from tokenloom.attention.paged import AttentionMetadata, paged_attention
+from tokenloom.attention.paged import QUERY_QUANTUM, AttentionMetadata, paged_attention
 from tokenloom.cache.kv_cache import KVCache
 from tokenloom.engine.sequence import FREED_BLOCK
 
@@ -31,7 +31,7 @@ def _reference(q, k, v, window=None):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def test_mixed_step_matches_per_sequence_attention_without_padding_queries():
+def test_mixed_step_matches_per_sequence_attention_without_padding_to_other_sequences():
     torch.manual_seed(0)
     # (tokens already cached, new tokens this step): two decodes, a first chunk, a later chunk
     plan = [(6, 1), (1, 1), (0, 9), (5, 7)]
@@ -53,7 +53,9 @@ def test_mixed_step_matches_per_sequence_attention_without_padding_queries():
         [new for _, new in plan], [c + n for c, n in plan], tables, BLOCK, torch.device("cpu")
     )
     num_tokens = sum(new for _, new in plan)
-    assert sum(g.query_index.numel() for g in meta.groups) == num_tokens  # no padded queries
+    # no query is padded to another sequence's length; a chunk pads only itself to QUERY_QUANTUM rows
+    assert sum(g.query_index.numel() - g.padding for g in meta.groups) == num_tokens
+    assert [g.padding for g in meta.groups] == [0, 16 - 9, 16 - 7]
     query = torch.randn(num_tokens, HEADS, DIM)
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, plan)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, plan)])
@@ -161,7 +163,7 @@ def _attended_slots(meta, window):
     for group in meta.groups_for(window):
         num_queries, num_keys = group.query_index.shape[1], group.context_slots.shape[1]
         for b in range(group.query_index.shape[0]):
-            for j in range(num_queries):
+            for j in range(num_queries - group.padding):  # padded queries repeat the last one
                 if group.mask is not None:
                     allowed = group.mask[b, 0, j]
                 elif num_queries > 1:  # is_causal: top-left aligned
@@ -209,5 +211,42 @@ def test_device_built_slots_and_masks_match_a_python_construction():
 def test_first_chunk_is_plain_causal_without_a_mask():
     meta = AttentionMetadata.build([5, 1], [5, 9], [[2, 0], [1, 3, 4]], BLOCK, torch.device("cpu"))
     decode, chunk = meta.groups
-    assert chunk.mask is None and chunk.context_slots.tolist() == [[8, 9, 10, 11, 0]]
+    # five keys, then the last one again up to QUERY_QUANTUM (only padded queries reach them)
+    assert chunk.mask is None and chunk.context_slots.tolist() == [[8, 9, 10, 11, 0] + [0] * 11]
     assert decode.mask is None and decode.context_slots.shape == (1, 9)
+
+
+def test_padded_queries_repeat_the_last_query_and_its_mask():
+    meta = AttentionMetadata.build([5, 3], [5, 9], [[2, 0], [1, 3, 4]], BLOCK, torch.device("cpu"))
+    first, later = meta.groups
+    assert (first.padding, later.padding) == (QUERY_QUANTUM - 5, QUERY_QUANTUM - 3)
+    assert first.query_index.tolist() == [[0, 1, 2, 3, 4] + [4] * 11]
+    assert later.query_index.tolist() == [[5, 6, 7] + [7] * 13]
+    assert later.token_index.tolist() == [5, 6, 7]
+    assert (later.mask[0, 0, 3:] == later.mask[0, 0, 2]).all()  # the last query's keys: 0..8
+
+
+def _cached_chunk_outputs(prompt_len, splits):
+    """Attention outputs of one sequence's prompt computed in chunks cut at `splits` (each chunk in
+    its own step over the keys the earlier chunks cached), concatenated: [prompt_len, heads, dim]."""
+    torch.manual_seed(0)
+    q = torch.randn(prompt_len, 9, 64)
+    k, v = torch.randn(prompt_len, 3, 64), torch.randn(prompt_len, 3, 64)
+    cache = KVCache(1, num_blocks=16, block_size=16, num_kv_heads=3, head_dim=64,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    table = list(range(-(-prompt_len // 16)))
+    outs, start = [], 0
+    for end in [*splits, prompt_len]:
+        meta = AttentionMetadata.build([end - start], [end], [table], 16, torch.device("cpu"))
+        outs.append(paged_attention(q[start:end], k[start:end], v[start:end], cache, 0, meta, scale=0.125))
+        start = end
+    return torch.cat(outs)
+
+
+def test_a_prompt_token_attends_to_the_same_bits_however_its_prompt_was_chunked():
+    """SDPA's CPU kernel cuts a chunk's queries into blocks from its first query, and rounds a block
+    of fewer than 16 rows differently: padding each chunk to QUERY_QUANTUM rows makes a token's
+    output independent of where its chunk started (a prefix-cache hit computes only the tail)."""
+    cold = _cached_chunk_outputs(82, [])
+    for splits in ([48], [64], [80], [33], [16, 40, 70]):
+        assert torch.equal(_cached_chunk_outputs(82, splits), cold), splits

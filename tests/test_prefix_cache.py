@@ -213,3 +213,26 @@ def test_two_hundred_random_mixes_leave_the_pool_free(model) -> None:
     assert stats.hits > 0 and stats.evictions > 0
     print(f"{checked} checked, {aborted} aborted, {beams} beam searches, {len(preempted)} preemptions, "
           f"hit rate {stats.hit_rate:.2f}, {stats.evictions} evictions")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_prompt_gives_the_same_bits_however_it_is_chunked_or_cached(model) -> None:
+    """The CPU runner pads a prompt chunk's attention to 16-row/16-key multiples and its dense matmuls
+    to 16 rows (QUERY_QUANTUM, DENSE_ROW_FLOOR), so neither a cache hit's short tail nor another
+    chunking changes a bit of any logit."""
+    rng = random.Random(3)
+    prompts = [SYSTEM + [rng.randrange(1, 90) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    params = _greedy(output_logits=True)
+    cold = _run(_engine(model, cache=False, max_num_seqs=1), [(p, params) for p in prompts])
+    for budget in (16, 23, 40):  # chunked prefill: prompts cut at every budget's boundaries
+        chunked = _run(_engine(model, cache=False, max_num_seqs=1, max_num_batched_tokens=budget),
+                       [(p, params) for p in prompts])
+        for c, w in zip(cold, chunked):
+            assert w.token_ids == c.token_ids
+            assert all(torch.equal(a, b) for a, b in zip(c.logits, w.logits)), budget
+    engine = _engine(model, max_num_seqs=1)
+    _run(engine, [(SYSTEM + [7], params)])
+    warm = _run(engine, [(p, params) for p in prompts])
+    assert all(o.metrics.num_cached_tokens == 12 for o in warm)
+    for c, w in zip(cold, warm):
+        assert all(torch.equal(a, b) for a, b in zip(c.logits, w.logits))

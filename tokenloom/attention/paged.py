@@ -33,6 +33,8 @@ class AttentionGroup:
         then number num_blocks * block_size, in block order), instead of context_slots.
     context_range: (start, stop) slots: one sequence whose keys fill these consecutive slots, read as
         a view of the pool (no copy), instead of both.
+    padding: the last `padding` queries repeat the chunk's last query (see QUERY_QUANTUM); their
+        outputs are dropped. The keys may be padded likewise (the last key's slot again, masked).
     """
 
     query_index: torch.Tensor
@@ -41,6 +43,18 @@ class AttentionGroup:
     mask: torch.Tensor | None
     context_blocks: torch.Tensor | None = None
     context_range: tuple[int, int] | None = None
+    padding: int = 0
+
+
+# On the CPU a prefill chunk's queries and keys are each padded to a multiple of this many. SDPA's CPU
+# kernel splits a chunk's queries into blocks of 32, 64 or 256 from its first query; its matmuls round
+# a block of fewer than 16 rows differently from a wider one (MKL picks its kernel by rows), and a
+# block reads keys up to its last query (causal) or all of them, summing them 16 to a vector with a
+# shorter tail summed apart. Unpadded, a query's output would depend on where its chunk starts and
+# ends: the same prompt token computed cold, after a prefix-cache hit, or chunked otherwise would
+# differ in the last bits. Padded, every block has a multiple of 16 rows and reads a multiple of 16
+# keys, and each query's output is the same however its prompt was cut.
+QUERY_QUANTUM = 16
 
 
 @dataclass
@@ -201,20 +215,33 @@ class AttentionMetadata:
             first_query = ctx - q
             first_key = max(0, first_query - window + 1) if window else 0
             token_index = torch.arange(token_start - q, token_start, device=device)
+            slots = _range_slots(self.block_table[i : i + 1], first_key, ctx, block_size)
+            padding = key_padding = 0
+            query_index = token_index
+            if device.type == "cpu":  # see QUERY_QUANTUM
+                padding, key_padding = -q % QUERY_QUANTUM, -(ctx - first_key) % QUERY_QUANTUM
+                if padding:
+                    query_index = torch.cat([token_index, token_index[-1:].expand(padding)])
+                if key_padding:  # the last key again, never attended by a real query
+                    slots = torch.cat([slots, slots[:, -1:].expand(1, key_padding)], dim=1)
             mask = None
             if first_query != 0 or (window is not None and q > window):
-                key_pos = torch.arange(first_key, ctx, device=device)
-                query_pos = torch.arange(first_query, ctx, device=device)[:, None]
+                key_pos = torch.arange(first_key, ctx + key_padding, device=device)
+                query_pos = torch.arange(first_query, ctx + padding, device=device).clamp_(max=ctx - 1)[:, None]
                 allowed = key_pos[None, :] <= query_pos
                 if window is not None:
                     allowed &= key_pos[None, :] > query_pos - window
                 mask = allowed[None, None]
+            # Without a mask (SDPA's causal mask, aligned to the first query and key) the padded keys
+            # lie after every real query and the padded queries after every real key: the chunk's
+            # own rows attend what they would unpadded.
             groups.append(
                 AttentionGroup(
-                    query_index=token_index[None, :],
+                    query_index=query_index[None, :],
                     token_index=token_index,
-                    context_slots=_range_slots(self.block_table[i : i + 1], first_key, ctx, block_size),
+                    context_slots=slots,
                     mask=mask,
+                    padding=padding,
                 )
             )
         return groups
@@ -308,6 +335,8 @@ def _attend(
         scale=scale,
         enable_gqa=gqa,
     )
+    if group.padding:
+        out = out[:, :, : out.shape[2] - group.padding]
     return out.transpose(1, 2)  # [batch, num_queries, heads, dim]
 
 

@@ -17,6 +17,7 @@ from tokenloom.engine.compiled_decode import CompiledDecode, compile_blocker
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
+from tokenloom.models.linear import dense_row_floor
 from tokenloom.outputs import TokenLogprob
 from tokenloom.sampling.beam import BeamSettings, BeamState, beam_log_probs, select_beams
 from tokenloom.sampling.sampler import (
@@ -129,7 +130,10 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             query_lens, context_lens, block_tables, self.block_size, self.device, input_ids=input_ids
         )
-        return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
+        if self.device.type != "cpu":
+            return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
+        with dense_row_floor():  # prompt tokens: the same rounding however the prompt was cut
+            return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
 
     @torch.inference_mode()
     def decode_logits(self, out: SchedulerOutput) -> torch.Tensor:
