@@ -47,9 +47,9 @@ def test_a_second_sequence_reuses_the_full_blocks_and_computes_at_least_one_toke
     assert manager.num_free_blocks == 16  # idle cached blocks count as free
 
     second = _seq(list(range(10, 20)) + [7, 7])  # same 10, then more
-    assert manager.match_prefix(second) == 8
-    assert second.block_ids == first_blocks[:2]
-    assert second.num_computed_tokens == 8 and second.num_committed_blocks == 2
+    assert manager.match_prefix(second) == 10  # the two full blocks, then `first`'s tail (18, 19)
+    assert second.block_ids == first_blocks
+    assert second.num_computed_tokens == 10 and second.num_committed_blocks == 2
 
     exact = _seq(list(range(10, 18)))  # exactly two blocks long: the last token must be computed
     assert manager.match_prefix(exact) == 4
@@ -75,14 +75,14 @@ def test_idle_blocks_are_evicted_oldest_first_and_only_when_no_plain_block_is_le
     old, new = _seq([1] * 5, "old"), _seq([2] * 5, "new")
     _compute(manager, old)  # blocks: one full (cached), one partial
     _compute(manager, new)
-    manager.free(old)
+    manager.free(old)  # its partial block is kept as a tail, idle like the full one
     manager.free(new)
     assert manager.num_cached_blocks == 2 and manager.num_free_blocks == 4
-    taker = _seq([3] * 9, "taker")  # needs 3 blocks: the 2 plain ones, then the oldest idle one
-    manager.allocate(taker, 9)
-    assert manager.prefix_cache_stats.evictions == 1
-    assert manager.match_prefix(_seq([1] * 5)) == 0  # `old` was evicted
-    assert manager.match_prefix(_seq([2] * 5)) == 4  # `new` survived
+    taker = _seq([3] * 5, "taker")  # needs 2 blocks: no plain one is left, so the 2 oldest idle ones
+    manager.allocate(taker, 5)
+    assert manager.prefix_cache_stats.evictions == 2  # `old`'s tail (freed first), then its full block
+    assert manager.match_prefix(_seq([1] * 6)) == 0  # `old` was evicted
+    assert manager.match_prefix(_seq([2] * 6)) == 5  # `new` survived, tail and all
 
 
 def test_a_block_freed_behind_the_window_is_no_cache_entry() -> None:
@@ -158,3 +158,65 @@ def test_random_scheduler_workloads_leave_the_pool_free() -> None:
         assert all(manager.ref_count(b) == 0 for b in range(num_blocks))
         hits += manager.prefix_cache_stats.hits
     assert preemptions > 0 and hits > 0  # the workloads did exercise both
+
+
+def test_a_continuation_takes_over_the_tail_and_computes_from_where_it_ends() -> None:
+    manager = BlockManager(8, BS, enable_prefix_caching=True)
+    turn1 = _seq([1, 2, 3, 4, 5, 6])
+    _compute(manager, turn1)
+    blocks = list(turn1.block_ids)
+    manager.free(turn1)  # block 1 holds 5, 6: a tail
+    assert manager.num_free_blocks == 8 and manager.num_cached_blocks == 1
+    turn2 = _seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert manager.match_prefix(turn2) == 6 and turn2.block_ids == blocks
+    assert manager.ref_count(blocks[1]) == 1  # its own now: the next tokens are written into it
+    other = _seq([1, 2, 3, 4, 5, 6, 0])  # the same prefix at once: the tail is taken, the full block shared
+    assert manager.match_prefix(other) == 4 and manager.ref_count(blocks[0]) == 2
+    _compute(manager, turn2)  # the taken tail fills up and is keyed as a full block
+    assert manager.num_cached_blocks == 2
+    manager.free(turn2)
+    manager.free(other)
+    manager.check_consistency()
+    assert manager.match_prefix(_seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])) == 9  # two blocks and a tail (9)
+
+
+def test_tails_match_their_longest_start_leave_the_last_token_and_need_their_whole_chain() -> None:
+    manager = BlockManager(16, BS, enable_prefix_caching=True)
+    for tokens in ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9]):
+        seq = _seq(tokens)
+        _compute(manager, seq)
+        manager.free(seq)
+
+    def match(tokens: list[int]) -> int:
+        seq = _seq(tokens)
+        found = manager.match_prefix(seq)
+        manager.free(seq)  # gives the tail back (as a tail of what it computed: the same tokens)
+        return found
+
+    assert match([1, 2, 3, 4, 5, 6, 8]) == 5  # tails (5) and (5, 6, 7): only (5) fits
+    assert match([1, 2, 3, 4, 5, 6, 7]) == 5  # (5, 6, 7) would leave no token to compute
+    assert match([1, 2, 3, 4, 5, 6, 7, 0]) == 7
+    assert match([1, 2, 3, 4, 9, 9, 9]) == 6
+    assert match([0, 2, 3, 4, 5, 6, 7, 8]) == 0  # another first block: no tail after it
+    manager.check_consistency()
+    taken = BlockManager(16, BS, enable_prefix_caching=True)
+    seq = _seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    _compute(taken, seq)
+    taken.free_blocks_before(seq, 4)  # a window let go of block 0: the chain is broken
+    taken.free(seq)
+    taken.check_consistency()
+    assert taken.match_prefix(_seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])) == 0
+
+
+def test_a_shared_partial_block_becomes_a_tail_only_when_its_last_table_lets_go() -> None:
+    manager = BlockManager(8, BS, enable_prefix_caching=True)
+    parent = _seq([5, 6, 7, 8, 9, 10])
+    _compute(manager, parent)
+    child = _seq([5, 6, 7, 8, 9, 10])
+    manager.fork(parent, child)
+    child.num_computed_tokens = parent.num_computed_tokens
+    manager.free(parent)
+    assert manager.match_prefix(_seq([5, 6, 7, 8, 9, 10, 11])) == 4  # the child still holds it
+    manager.free(child)
+    manager.check_consistency()
+    assert manager.match_prefix(_seq([5, 6, 7, 8, 9, 10, 11])) == 6

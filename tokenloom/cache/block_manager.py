@@ -71,11 +71,14 @@ class BlockManager:
         return self._free.popleft() if self._free else self._index.evict()
 
     def free(self, seq: Sequence) -> None:
-        """Release every block of `seq` (blocks still shared elsewhere stay allocated)."""
+        """Release every block of `seq` (blocks still shared elsewhere stay allocated). With the prefix
+        cache, a partly filled last block that no other table holds is kept as a tail (see
+        `PrefixIndex.park_tail`): its tokens up to the computed count are final."""
+        tail_block, tail = self._tail_of(seq)
         for block_id in reversed(seq.block_ids):
             if block_id == FREED_BLOCK:
                 continue
-            self._release_block(block_id)
+            self._release_block(block_id, tail=tail if block_id == tail_block else None)
         seq.block_ids = []
         seq.num_freed_blocks = 0
         seq.num_committed_blocks = 0
@@ -102,11 +105,26 @@ class BlockManager:
         """Blocks `seq` holds in the pool (its table minus the entries freed behind its window)."""
         return sum(1 for block_id in seq.block_ids if block_id != FREED_BLOCK)
 
-    def _release_block(self, block_id: int, keep_key: bool = True) -> None:
+    def _tail_of(self, seq: Sequence) -> tuple[int, tuple[bytes, list[int]] | None]:
+        """The partly filled block `seq` computed last and (parent key, its tokens), when it could be
+        kept as a tail; else (-1, None)."""
+        full, held = divmod(seq.num_computed_tokens, self.block_size)
+        if not self.enable_prefix_caching or not held or len(seq.block_ids) <= full:
+            return -1, None
+        if seq.block_ids[full] == FREED_BLOCK or seq.num_committed_blocks < full:
+            return -1, None  # its parent chain is not all in the index
+        parent = seq.block_hashes[full - 1] if full else self._root
+        return seq.block_ids[full], (parent, seq.token_ids[full * self.block_size : seq.num_computed_tokens])
+
+    def _release_block(
+        self, block_id: int, keep_key: bool = True, tail: tuple[bytes, list[int]] | None = None
+    ) -> None:
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
             if keep_key and self._index.key_of(block_id) is not None:
                 self._index.park(block_id)
+            elif tail is not None and self._index.key_of(block_id) is None:
+                self._index.park_tail(block_id, *tail)
             else:
                 self._index.forget(block_id)
                 self._free.append(block_id)
@@ -121,8 +139,8 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence that holds no blocks the cached blocks of its longest cached prefix (whole
-        blocks, leaving at least its last token to compute) and count them as computed. Returns the
-        number of tokens reused. `free` undoes it."""
+        blocks, then the longest tail that continues them, leaving at least its last token to compute)
+        and count them as computed. Returns the number of tokens reused. `free` undoes it."""
         if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
             return 0
         keys = self._keys_upto(seq, (seq.num_tokens - 1) // self.block_size)
@@ -135,8 +153,17 @@ class BlockManager:
                 index.unpark(block_id)
             self._ref_counts[block_id] += 1
             seq.block_ids.append(block_id)
-        seq.num_committed_blocks = len(seq.block_ids)
-        seq.num_computed_tokens = len(seq.block_ids) * self.block_size
+        full = len(seq.block_ids)
+        seq.num_committed_blocks = full
+        seq.num_computed_tokens = full * self.block_size
+        start = seq.num_computed_tokens
+        rest = seq.token_ids[start : min(start + self.block_size - 1, seq.num_tokens - 1)]
+        tail = index.take_tail(keys[full - 1] if full else self._root, rest) if rest else None
+        if tail is not None:
+            block_id, held = tail
+            self._ref_counts[block_id] = 1
+            seq.block_ids.append(block_id)
+            seq.num_computed_tokens += held
         return seq.num_computed_tokens
 
     def record_lookup(self, num_tokens: int, num_cached: int) -> None:
@@ -170,11 +197,13 @@ class BlockManager:
             assert ref >= 0, f"block {block_id}: negative reference count {ref}"
             idle = self._index.is_idle(block_id)
             keyed = self._index.key_of(block_id) is not None
+            tail = self._index.is_tail(block_id)
+            assert not (keyed and tail), f"block {block_id} is keyed and a tail"
             if ref > 0:
-                assert block_id not in free and not idle, f"block {block_id} is in use and free"
+                assert block_id not in free and not idle and not tail, f"block {block_id} is in use and free"
             else:
                 assert (block_id in free) != idle, f"block {block_id}: unused but not free exactly once"
-                assert idle == keyed, f"block {block_id}: idle {idle} but keyed {keyed}"
+                assert idle == (keyed or tail), f"block {block_id}: idle {idle} but keyed {keyed}, tail {tail}"
 
     # ---- sharing: fork and copy-on-write (beam search) ------------------------------------
     def ref_count(self, block_id: int) -> int:

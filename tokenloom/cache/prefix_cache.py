@@ -7,6 +7,12 @@ match. Keys are 128-bit BLAKE2b digests: a false match is far less likely than a
 
 A block whose last table lets go keeps its contents and its key, and waits in LRU order among the
 free blocks; the pool takes the oldest of them only when no plain free block is left.
+
+A sequence's last, partly filled block is kept too when its last table lets go (a tail): it has no
+key of its own, but is filed under its parent's key with the tokens it holds, so a later prompt that
+continues the same prefix (the next turn of a chat: the answer's last tokens, then the new message)
+takes it over and computes only from where it ends. A tail is taken whole by one sequence, which
+then writes its next tokens into it: it is never shared, and leaves the index when taken.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class PrefixIndex:
     def __init__(self, num_blocks: int) -> None:
         self._key_of: list[bytes | None] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}
-        self._idle: OrderedDict[int, None] = OrderedDict()  # free blocks with a key, oldest first
+        self._idle: OrderedDict[int, None] = OrderedDict()  # free blocks with a key or a tail, oldest first
+        self._tails: dict[bytes, dict[int, tuple[int, ...]]] = {}  # parent key -> {tail block: its tokens}
+        self._tail_parent: dict[int, bytes] = {}  # tail block -> its parent key
         self.stats = PrefixCacheStats()
 
     def __len__(self) -> int:
@@ -69,6 +77,36 @@ class PrefixIndex:
     def is_idle(self, block_id: int) -> bool:
         return block_id in self._idle
 
+    def is_tail(self, block_id: int) -> bool:
+        return block_id in self._tail_parent
+
+    def park_tail(self, block_id: int, parent: bytes, token_ids: Seq[int]) -> None:
+        """`block_id` (no key, no table left) holds the KV of `token_ids` (fewer than a block) right after
+        the block keyed `parent` (or the root): it becomes the newest idle block, filed as a tail."""
+        self._tails.setdefault(parent, {})[block_id] = tuple(token_ids)
+        self._tail_parent[block_id] = parent
+        self._idle[block_id] = None
+
+    def take_tail(self, parent: bytes, token_ids: Seq[int]) -> tuple[int, int] | None:
+        """The tail after `parent` holding the longest start of `token_ids`, taken out of the index
+        (the caller owns it now): (block id, how many of `token_ids` it holds); None without one."""
+        best, best_len = None, 0
+        for block_id, held in self._tails.get(parent, {}).items():
+            if best_len < len(held) <= len(token_ids) and tuple(token_ids[: len(held)]) == held:
+                best, best_len = block_id, len(held)
+        if best is None:
+            return None
+        self._drop_tail(best)
+        del self._idle[best]
+        return best, best_len
+
+    def _drop_tail(self, block_id: int) -> None:
+        parent = self._tail_parent.pop(block_id)
+        siblings = self._tails[parent]
+        del siblings[block_id]
+        if not siblings:
+            del self._tails[parent]
+
     def register(self, block_id: int, key: bytes) -> bool:
         """Record that `block_id` (in use, full, never written again) holds `key`. A key already held by
         another block keeps that block (two requests computed the same prefix at once)."""
@@ -83,6 +121,8 @@ class PrefixIndex:
         if key is not None:
             self._key_of[block_id] = None
             del self._block_of[key]
+        if block_id in self._tail_parent:
+            self._drop_tail(block_id)
         self._idle.pop(block_id, None)
 
     def park(self, block_id: int) -> None:
