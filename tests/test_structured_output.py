@@ -260,13 +260,18 @@ def test_cli_generate_json_schema_file(smollm2_gguf, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def client(llm):
-    openai = pytest.importorskip("openai")
+def server(llm):
     from tests.serving_helpers import start_server
 
     running = start_server(llm)
-    yield openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
@@ -342,3 +347,27 @@ def test_openai_invalid_schema_is_a_400_naming_the_problem(client):
     with pytest.raises(openai.BadRequestError, match="guided_json"):
         client.completions.create(model="smollm2", prompt="x", max_tokens=4,
                                   extra_body={"guided_json": {"type": "object"}, "guided_regex": "a"})
+
+
+def test_tgi_grammar_json_json_schema_and_regex(server):
+    import httpx
+
+    def generate(grammar, **parameters):
+        body = {"inputs": "Person:", "parameters": {"max_new_tokens": 60, "do_sample": True, "seed": 5,
+                                                     "grammar": grammar, **parameters}}
+        return httpx.post(server.url + "/generate", json=body, timeout=120)
+
+    for grammar in ({"type": "json", "value": PERSON}, {"type": "json", "value": json.dumps(PERSON)},
+                    {"type": "json_schema", "value": {"name": "person", "schema": PERSON}}):
+        reply = generate(grammar, details=True)
+        assert reply.status_code == 200, reply.text
+        jsonschema.validate(json.loads(reply.json()["generated_text"]), PERSON)
+        assert reply.json()["details"]["finish_reason"] == "eos_token"  # TGI's name for a completed grammar
+    reply = generate({"type": "regex", "value": "[A-F]{4}"})
+    assert re.fullmatch("[A-F]{4}", reply.json()["generated_text"])
+    for bad, needle in (({"type": "yaml", "value": "x"}, "grammar.type"), ({"type": "json"}, "grammar must be"),
+                        ({"type": "json", "value": "{not json"}, "not valid JSON"),
+                        ({"type": "json", "value": {"type": "nonsense"}}, "nonsense")):
+        reply = generate(bad)
+        assert reply.status_code == 422 and needle in reply.json()["error"], (bad, reply.text)
+    assert server.idle()

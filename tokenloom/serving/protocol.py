@@ -145,8 +145,6 @@ class TGIParameters(_Strict):
             names.append(f"best_of={self.best_of}")
         if self.decoder_input_details:
             names.append("decoder_input_details=true")
-        if self.grammar is not None:
-            names.append("grammar")
         if self.watermark:
             names.append("watermark=true")
         if self.adapter_id is not None:

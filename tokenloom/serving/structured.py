@@ -50,6 +50,38 @@ def structured_fields(req: _OpenAISampling, tool_schema: dict[str, Any] | None =
     return {field: value for field, value in asked.values()}
 
 
+_TGI_GRAMMAR_HINT = ('grammar must be {"type": "json", "value": <JSON schema>}, {"type": "json_schema", '
+                     '"value": {"name": ..., "schema": <JSON schema>}} or {"type": "regex", "value": <regex>}')
+
+
+def tgi_grammar_fields(grammar: Any) -> dict[str, Any]:
+    """TGI's `parameters.grammar` as SamplingParams' json_schema or regex ({} for none); a malformed one
+    is a 422 (TGI's status for invalid parameters) naming `grammar`."""
+    if grammar is None:
+        return {}
+    if not isinstance(grammar, dict) or set(grammar) - {"type", "value"} or "value" not in grammar:
+        raise ApiError(422, _TGI_GRAMMAR_HINT, param="grammar")
+    kind, value = grammar.get("type"), grammar["value"]
+    if kind in ("json", "json_object"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ApiError(422, f"grammar.value is not valid JSON: {exc}", param="grammar") from None
+        if not isinstance(value, dict):
+            raise ApiError(422, _TGI_GRAMMAR_HINT, param="grammar")
+        return {"json_schema": value}
+    if kind == "json_schema":
+        if not isinstance(value, dict) or not isinstance(value.get("schema"), dict):
+            raise ApiError(422, _TGI_GRAMMAR_HINT, param="grammar")
+        return {"json_schema": value["schema"]}
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ApiError(422, _TGI_GRAMMAR_HINT, param="grammar")
+        return {"regex": value}
+    raise ApiError(422, f"grammar.type must be 'json', 'json_schema' or 'regex', got {kind!r}", param="grammar")
+
+
 def structured_names(req: _OpenAISampling) -> dict[str, str]:
     """SamplingParams field -> the request parameter that set it, for error messages."""
     names = {field: name for name, field in _GUIDED.items() if getattr(req, name, None) is not None}

@@ -16,13 +16,25 @@ from tokenloom.serving.errors import ApiError
 from tokenloom.serving.protocol import TGIGenerateRequest, TGIParameters, TGITokenizeRequest
 from tokenloom.serving.respond import respond
 from tokenloom.serving.streaming import sse
+from tokenloom.serving.structured import tgi_grammar_fields
 
 router = APIRouter()
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 _FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length", "time": "length", "abort": "length"}
+
+
+def _finish_reason(out: RequestOutput | None) -> str:
+    """TGI's name for why `out` ended. A completed grammar (a stop with no stop string) is TGI's
+    eos_token: TGI ends a grammar by forcing the EOS token."""
+    if out is None:
+        return "length"
+    if out.finish_reason == "stop" and out.stop_reason is None:
+        return "eos_token"
+    return _FINISH.get(out.finish_reason or "", "length")
 # SamplingParams field -> TGI's parameter name, for errors
 _NAMES = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"}
+_GRAMMAR_NAMES = {"json_schema": "grammar", "regex": "grammar"}
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -50,6 +62,7 @@ def sampling(p: TGIParameters, max_new_tokens: int, want_logprobs: bool) -> Samp
         "max_tokens": max_new_tokens,
         "stop": list(p.stop),
         "logprobs": (p.top_n_tokens or 0) if want_logprobs else None,
+        **tgi_grammar_fields(p.grammar),
     }
     try:
         for name, entry in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
@@ -58,7 +71,7 @@ def sampling(p: TGIParameters, max_new_tokens: int, want_logprobs: bool) -> Samp
                 check(entry, getattr(p, name), name)
         if sample and p.temperature is not None and p.temperature == 0:
             raise ParameterError("temperature", 0, "> 0 when sampling", "temperature must be strictly positive")
-        return build_sampling_params(values, _NAMES)
+        return build_sampling_params(values, {**_NAMES, **_GRAMMAR_NAMES})
     except ParameterError as exc:
         raise ApiError.from_parameter(exc, 422) from None
 
@@ -74,7 +87,7 @@ def _prepare(ctx: ServingContext, req: TGIGenerateRequest, trace: Trace, want_lo
         tokens = tokens[-p.truncate :]
     max_new = ctx.max_tokens_for(len(tokens), p.max_new_tokens, "max_new_tokens", default=DEFAULT_MAX_NEW_TOKENS)
     params = sampling(p, max_new, want_logprobs)
-    return ctx.prepare(tokens, params, trace.request_id), params
+    return ctx.prepare(tokens, params, trace.request_id, _GRAMMAR_NAMES), params
 
 
 def _token(ctx: ServingContext, out: RequestOutput, text: str | None = None) -> dict[str, Any]:
@@ -111,7 +124,7 @@ def _events(ctx: ServingContext, req: TGIGenerateRequest, trace: Trace, params: 
             index += 1
             if out.finished:
                 event["generated_text"] = (req.inputs if p.return_full_text else "") + text
-                event["details"] = {"finish_reason": _FINISH.get(out.finish_reason or "", "length"),
+                event["details"] = {"finish_reason": _finish_reason(out),
                                     "generated_tokens": trace.num_output_tokens, "seed": params.seed,
                                     "input_length": trace.num_prompt_tokens}
             yield sse(event)
@@ -137,7 +150,7 @@ async def generate(req: TGIGenerateRequest, request: Request) -> Response:
         body: dict[str, Any] = {"generated_text": (req.inputs if p.return_full_text else "") + text}
         if p.details:
             body["details"] = {
-                "finish_reason": _FINISH.get(last.finish_reason or "", "length") if last else "length",
+                "finish_reason": _finish_reason(last),
                 "generated_tokens": trace.num_output_tokens, "seed": params.seed, "prefill": [], "tokens": tokens,
             }
             if p.top_n_tokens:
