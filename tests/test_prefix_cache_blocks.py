@@ -220,3 +220,19 @@ def test_a_shared_partial_block_becomes_a_tail_only_when_its_last_table_lets_go(
     manager.free(child)
     manager.check_consistency()
     assert manager.match_prefix(_seq([5, 6, 7, 8, 9, 10, 11])) == 6
+
+
+def test_reset_forgets_every_prefix_and_frees_the_idle_blocks() -> None:
+    manager = BlockManager(8, BS, enable_prefix_caching=True)
+    done, running = _seq([1, 2, 3, 4, 5, 6]), _seq([7, 8, 9, 10, 11])
+    _compute(manager, done)
+    _compute(manager, running)
+    manager.free(done)  # one keyed block and a tail, idle
+    manager.reset_prefix_cache()
+    manager.check_consistency()
+    assert manager.num_cached_blocks == 0 and manager.num_free_blocks == 6
+    assert manager.match_prefix(_seq([1, 2, 3, 4, 5, 6, 7])) == 0
+    assert manager.match_prefix(_seq([7, 8, 9, 10, 11, 12])) == 0  # the running one's block lost its key
+    manager.free(running)
+    manager.check_consistency()
+    assert manager.num_free_blocks == 8

@@ -176,6 +176,11 @@ class LLM:
             self._async_engine.shutdown()
             self._async_engine = None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every prefix the automatic prefix cache holds (vLLM's `LLM.reset_prefix_cache`): the
+        next requests compute their prompts cold."""
+        self.engine.block_manager.reset_prefix_cache()
+
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         """The model's EOS ids are stop ids for every request unless it sets ignore_eos."""
         if params.ignore_eos or set(self.stop_token_ids) <= set(params.stop_token_ids):

@@ -4,7 +4,9 @@ transformers (fp32, bf16) on the same checkpoint."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tokenloom.bench.common import CHAT_FIRST, CHAT_SECOND, Settings, decode_rate, expect, progress, timed
@@ -47,13 +49,23 @@ class TokenloomRunner:
     def prefill(self, ids: list[int]) -> float:
         return timed(lambda: self._stamps(ids, 1))[1]
 
+    @contextlib.contextmanager
+    def _prefix_cache(self) -> Iterator[None]:
+        """The prefix cache on (as `tokenloom chat` and `serve` run) for the phases that measure a
+        follow-up; the other phases measure cold prompts."""
+        blocks = self.llm.engine.block_manager
+        self.llm.reset_prefix_cache()  # nothing from an earlier round
+        blocks.enable_prefix_caching = True
+        try:
+            yield
+        finally:
+            blocks.enable_prefix_caching = False
+
     def prefix_turns(self, prefix_ids: list[int], n: int) -> tuple[float, float, float]:
         """Seconds to the first token of two questions on one document (`prefix_ids`), the second asked
         after the first's answer, with the prefix cache on: the second computes only its new tokens.
         Also the share of the second prompt's tokens the cache supplied."""
-        blocks = self.llm.engine.block_manager
-        blocks.enable_prefix_caching = True
-        try:
+        with self._prefix_cache():
             turn1 = prefix_ids + self.encode(f"\nQuestion: {CHAT_FIRST}\nAnswer:")
             start = time.perf_counter()
             stamps, answer = [], []
@@ -66,18 +78,19 @@ class TokenloomRunner:
             outs = list(self.llm.stream(turn2, self._params(1)))
             second = time.perf_counter() - start
             cached = outs[-1].metrics.num_cached_tokens / len(turn2)
-        finally:
-            blocks.enable_prefix_caching = False  # the other phases measure cold prompts
         return first, second, cached
 
     def turn2_ttft(self) -> float:
-        """Seconds to the first token of a chat's second turn (the first turn generated before)."""
-        messages = [{"role": "user", "content": CHAT_FIRST}]
-        first = self.llm.generate([self.llm.chat_prompt(messages)], self._params(self.turn_tokens))[0]
-        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": CHAT_SECOND}]
-        ids = self.llm.chat_prompt(messages)
-        start = time.perf_counter()
-        stamps = self._stamps(ids, 1)
+        """Seconds to the first token of a chat's second turn (the first turn generated before), with
+        the prefix cache on as in `tokenloom chat`: the first turn's blocks are reused where the
+        re-rendered conversation's tokens still match them."""
+        with self._prefix_cache():
+            messages = [{"role": "user", "content": CHAT_FIRST}]
+            first = self.llm.generate([self.llm.chat_prompt(messages)], self._params(self.turn_tokens))[0]
+            messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": CHAT_SECOND}]
+            ids = self.llm.chat_prompt(messages)
+            start = time.perf_counter()
+            stamps = self._stamps(ids, 1)
         return stamps[0] - start
 
 

@@ -63,7 +63,8 @@ def footer(s: Settings) -> str:
         f"decode at {s.long_context} context: the 1-stream decode rate after a {s.long_context}-token prompt "
         "(llama-bench: tg at that depth).",
         "chat turn 2: time to the first token of a chat's second turn, after the first turn was generated "
-        "(whatever the engine keeps of the first turn it may reuse).",
+        "(whatever the engine keeps of the first turn it may reuse; tokenloom: its prefix cache, as in "
+        "`tokenloom chat` and `serve`, emptied before each round).",
         f"Each engine took turns within each phase; figures are the best of {s.repeats} round(s) "
         f"(prefill: of {s.prefill_repeats}). EOS is ignored so each request generates exactly what was asked.",
         "Ratios: above 1 means tokenloom is better (faster, or less time for load and first token).",

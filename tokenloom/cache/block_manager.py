@@ -166,6 +166,11 @@ class BlockManager:
             seq.num_computed_tokens += held
         return seq.num_computed_tokens
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: the idle cached blocks become plain free blocks, and blocks in use
+        lose their keys (requests running on them go on; later ones cannot match them)."""
+        self._free.extend(self._index.clear())
+
     def record_lookup(self, num_tokens: int, num_cached: int) -> None:
         """Count one admitted sequence's lookup: `num_tokens` looked up, `num_cached` found."""
         if self.enable_prefix_caching:

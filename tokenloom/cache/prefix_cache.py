@@ -133,6 +133,16 @@ class PrefixIndex:
         """An idle block is taken back into use by a sequence whose prefix matches it."""
         del self._idle[block_id]
 
+    def clear(self) -> list[int]:
+        """Forget every key and tail; returns the idle blocks, which are plain free blocks now."""
+        idle = list(self._idle)
+        self._key_of = [None] * len(self._key_of)
+        self._block_of.clear()
+        self._idle.clear()
+        self._tails.clear()
+        self._tail_parent.clear()
+        return idle
+
     def evict(self) -> int:
         """The oldest idle block, its key forgotten, for reuse."""
         block_id, _ = self._idle.popitem(last=False)
