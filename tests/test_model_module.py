@@ -123,7 +123,10 @@ def test_labels_loss_and_hidden_states_match_transformers(pair):
     assert (got.logits - expected.logits).abs().max() <= TOLERANCE
     assert len(got.hidden_states) == len(expected.hidden_states) == reference.config.num_hidden_layers + 1
     for mine, theirs in zip(got.hidden_states, expected.hidden_states):
-        assert mine.shape == theirs.shape and (mine - theirs).abs().max() <= TOLERANCE
+        # relative to the layer's scale (the random tiny models reach ~1e3): the CPU runner pads a
+        # prompt's attention blocks to 16 rows and keys (chunk invariance), so sums are ordered otherwise
+        scale = theirs.abs().max().item()
+        assert mine.shape == theirs.shape and (mine - theirs).abs().max() <= TOLERANCE * max(scale, 1.0)
 
 
 def test_padded_labels_num_items_and_shift_labels(pair):
