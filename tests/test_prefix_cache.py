@@ -134,6 +134,43 @@ def test_beams_start_from_a_cached_prompt_and_share_it(model) -> None:
     _assert_pool_free(engine)
 
 
+def test_a_beam_search_that_fails_mid_step_leaves_only_computed_blocks(model, monkeypatch) -> None:
+    """A step may point a beam at a copy-on-write block before its copy runs: when the search fails
+    there, the beams still running are freed as never computed, so no uncopied block stays in the
+    cache. Every prefix the failed search left is then continued warm and cold: the same tokens, and
+    logits to rounding (the beams' own tokens were computed one step at a time, a cold prompt in one
+    call: about 4e-4 apart on this model; an uncopied block would be garbage)."""
+    engine = _engine(model)
+    runner, manager, calls, freed = engine.runner, engine.block_manager, [], []
+    real_step, real_free = runner.beam_step, manager.free
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the second step's forks and copy-on-write, before their copies
+            raise RuntimeError("injected")
+        return real_step(*args, **kwargs)
+
+    def recording_free(seq):
+        freed.append(list(seq.token_ids[: seq.num_computed_tokens]))
+        real_free(seq)
+
+    monkeypatch.setattr(runner, "beam_step", failing_step)
+    monkeypatch.setattr(manager, "free", recording_free)
+    with pytest.raises(RuntimeError, match="injected"):
+        beam_search(engine, [SYSTEM + [44, 45]], BeamSearchParams(num_beams=3, max_tokens=6))
+    monkeypatch.undo()
+    _assert_pool_free(engine)
+    prompts = [tokens + [9] for tokens in freed if len(tokens) > len(SYSTEM)]
+    assert prompts
+    params = _greedy(3, output_logits=True)
+    cold = _run(_engine(model, cache=False), [(p, params) for p in prompts])
+    for prompt, ref in zip(prompts, cold):
+        (warm,) = _run(engine, [(prompt, params)])
+        assert warm.token_ids == ref.token_ids
+        for a, b in zip(ref.logits, warm.logits):
+            torch.testing.assert_close(b, a, atol=1e-2, rtol=0)
+
+
 def test_every_layer_sliding_window(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

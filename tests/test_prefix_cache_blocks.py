@@ -236,3 +236,75 @@ def test_reset_forgets_every_prefix_and_frees_the_idle_blocks() -> None:
     manager.free(running)
     manager.check_consistency()
     assert manager.num_free_blocks == 8
+
+
+def _shadow_workload(seed: int, window: int | None) -> None:
+    """The scheduler and block manager under chat-like continuations (which take tails), aborts,
+    preemption, speculative runs accepted in part, stop-string deletions and sliding windows, with a
+    shadow of every cache slot: each slot records the token prefix whose key and value it holds, and
+    before every step each position a scheduled sequence attends must hold exactly its own prefix.
+    Tokens are random, so a block or tail reused under the wrong prefix shows."""
+    rng = random.Random(seed)
+    num_blocks = max(rng.randint(6, 24), window // BS + 3 if window else 0)
+    manager = BlockManager(num_blocks, BS, enable_prefix_caching=True)
+    scheduler = Scheduler(manager, rng.randint(1, 6), rng.randint(8, 40), kv_window=window)
+    shadow: dict[int, tuple[int, ...]] = {}
+    finished: list[list[int]] = []
+    systems = [[rng.randrange(6) for _ in range(rng.randint(1, 12))] for _ in range(3)]
+
+    def slot(seq: Sequence, position: int) -> int:
+        block = seq.block_ids[position // BS]
+        assert block != FREED_BLOCK, (seq.request_id, position)
+        return block * BS + position % BS
+
+    for step in range(rng.randint(5, 80)):
+        if rng.random() < 0.5:
+            if finished and rng.random() < 0.6:  # a follow-up of a finished request, or a cut of it
+                base = rng.choice(finished)
+                prompt = base + [rng.randrange(6) for _ in range(rng.randint(0, 6))]
+                if rng.random() < 0.3:
+                    prompt = base[: rng.randint(1, len(base))] + [rng.randrange(6)]
+            else:
+                prompt = rng.choice(systems) + [rng.randrange(6) for _ in range(rng.randint(1, 10))]
+            prompt = prompt[:60] if window else prompt[: num_blocks * BS - 2]
+            scheduler.add(_seq(prompt, f"r{step}", rng.randint(1, 10)))
+        if rng.random() < 0.1 and (scheduler.running or scheduler.waiting):
+            scheduler.abort(rng.choice(scheduler.running + list(scheduler.waiting)).request_id)
+        if not window:
+            for seq in scheduler.running:
+                if seq.num_computed_tokens == seq.num_tokens - 1 and rng.random() < 0.5:
+                    seq.spec_token_ids = [rng.randrange(6) for _ in range(rng.randint(1, 4))]
+        out = scheduler.schedule()
+        for item in out.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            for position in range(0 if window is None else max(0, start - window + 1), start):
+                assert shadow.get(slot(seq, position)) == tuple(seq.token_ids[: position + 1]), (seed, step, position)
+            tokens = seq.token_ids + item.spec_token_ids
+            for position in range(start, start + item.num_new_tokens):
+                shadow[slot(seq, position)] = tuple(tokens[: position + 1])
+        sampled: list = []
+        for item in out.scheduled:
+            if item.samples:
+                accepted = item.spec_token_ids[: rng.randint(0, len(item.spec_token_ids))]
+                sampled.append(accepted + [rng.randrange(6)] if item.spec_token_ids else rng.randrange(6))
+        lengths = {id(item.seq): item.seq.num_tokens for item in out.scheduled}
+        for seq in scheduler.update(out, sampled):
+            new = seq.num_tokens - lengths[id(seq)]
+            if new > 1 and rng.random() < 0.3:  # a stop string inside an accepted run: the rest dropped
+                del seq.token_ids[-rng.randint(1, new - 1):]
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+                if not seq.is_finished:
+                    scheduler.finish(seq, FinishReason.STOP)
+            if seq.is_finished:
+                finished.append(list(seq.token_ids))
+        manager.check_consistency()
+    for seq in list(scheduler.running) + list(scheduler.waiting):
+        scheduler.finish(seq, FinishReason.ABORT)
+    manager.check_consistency()
+    assert manager.num_free_blocks == num_blocks
+
+
+def test_every_attended_position_holds_its_own_prefix_under_random_workloads() -> None:
+    for seed in range(150):
+        for window in (None, 6, 9):
+            _shadow_workload(seed, window)

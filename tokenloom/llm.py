@@ -178,8 +178,12 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         """Forget every prefix the automatic prefix cache holds (vLLM's `LLM.reset_prefix_cache`): the
-        next requests compute their prompts cold."""
-        self.engine.block_manager.reset_prefix_cache()
+        next requests compute their prompts cold. Once the async engine's loop owns the engine, the
+        reset runs in its thread between two steps."""
+        if self._async_engine is not None:
+            self._async_engine.call(lambda engine: engine.block_manager.reset_prefix_cache())
+        else:
+            self.engine.block_manager.reset_prefix_cache()
 
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         """The model's EOS ids are stop ids for every request unless it sets ignore_eos."""

@@ -233,6 +233,12 @@ class _BeamGroup:
     def run(self, results: list[list[BeamHypothesis]]) -> None:
         try:
             self._run(results)
+        except BaseException:
+            # a step may have pointed a beam at a copy-on-write block not yet copied: keep nothing of
+            # the beams in the prefix cache (their full blocks were committed only once computed)
+            for seq in self._live.values():
+                seq.num_computed_tokens = 0
+            raise
         finally:
             for seq in list(self._live.values()):
                 self._free(seq)

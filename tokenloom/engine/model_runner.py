@@ -130,7 +130,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             query_lens, context_lens, block_tables, self.block_size, self.device, input_ids=input_ids
         )
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" or all(item.num_new_tokens == 1 for item in out.scheduled):
             return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
         with dense_row_floor():  # prompt tokens: the same rounding however the prompt was cut
             return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
