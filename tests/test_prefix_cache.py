@@ -274,3 +274,20 @@ def test_a_prompt_gives_the_same_bits_however_it_is_chunked_or_cached(model) -> 
     assert all(o.metrics.num_cached_tokens == 12 for o in warm)
     for c, w in zip(cold, warm):
         assert all(torch.equal(a, b) for a, b in zip(c.logits, w.logits))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_row_floor_rounds_a_narrow_call_as_a_wide_one() -> None:
+    from tokenloom.models.linear import Linear
+    from tokenloom.models.row_floor import dense_row_floor, row_floor
+
+    torch.manual_seed(0)
+    layer = Linear(576, 960)
+    layer.weight.data.normal_()
+    x = torch.randn(40, 576)
+    wide = layer(x)
+    with dense_row_floor():
+        assert row_floor() == 16
+        for rows in (2, 3, 15):
+            assert torch.equal(layer(x[:rows]), wide[:rows]), rows
+    assert row_floor() == 0

@@ -17,7 +17,7 @@ from tokenloom.engine.compiled_decode import CompiledDecode, compile_blocker
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.engine.sequence import Sequence
 from tokenloom.models.base import CausalLM
-from tokenloom.models.linear import dense_row_floor
+from tokenloom.models.row_floor import dense_row_floor
 from tokenloom.outputs import TokenLogprob
 from tokenloom.sampling.beam import BeamSettings, BeamState, beam_log_probs, select_beams
 from tokenloom.sampling.sampler import (
