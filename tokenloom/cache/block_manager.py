@@ -123,7 +123,7 @@ class BlockManager:
         if self._ref_counts[block_id] == 0:
             if keep_key and self._index.key_of(block_id) is not None:
                 self._index.park(block_id)
-            elif tail is not None and self._index.key_of(block_id) is None:
+            elif tail is not None:  # a partly filled block has no key
                 self._index.park_tail(block_id, *tail)
             else:
                 self._index.forget(block_id)

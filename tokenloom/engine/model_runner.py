@@ -3,6 +3,7 @@ tokens become tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import warnings
@@ -130,9 +131,9 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             query_lens, context_lens, block_tables, self.block_size, self.device, input_ids=input_ids
         )
-        if self.device.type != "cpu" or all(item.num_new_tokens == 1 for item in out.scheduled):
-            return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
-        with dense_row_floor():  # prompt tokens: the same rounding however the prompt was cut
+        prompt_step = self.device.type == "cpu" and any(item.num_new_tokens > 1 for item in out.scheduled)
+        # prompt tokens: the same rounding however the prompt was cut (see models/row_floor.py)
+        with dense_row_floor() if prompt_step else contextlib.nullcontext():
             return self.model(meta.input_ids, meta.positions, self.kv_cache, meta)
 
     @torch.inference_mode()

@@ -45,6 +45,7 @@ __all__ = [
 
 _DENSE_LOCK = threading.Lock()  # dense copies built on first use: one builder at a time
 
+
 class Linear(nn.Module):
     """Dense y = x W^T + b, as nn.Linear (weight [out_features, in_features]) but never initialised:
     loading fills it. `output_sizes` are the row blocks of a fused projection (q, k, v or gate, up)."""

@@ -22,6 +22,9 @@ router = APIRouter()
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 _FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length", "time": "length", "abort": "length"}
+# SamplingParams field -> TGI's parameter name, for errors
+_NAMES = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"}
+_GRAMMAR_NAMES = {"json_schema": "grammar", "regex": "grammar"}
 
 
 def _finish_reason(out: RequestOutput | None) -> str:
@@ -32,9 +35,6 @@ def _finish_reason(out: RequestOutput | None) -> str:
     if out.finish_reason == "stop" and out.stop_reason is None:
         return "eos_token"
     return _FINISH.get(out.finish_reason or "", "length")
-# SamplingParams field -> TGI's parameter name, for errors
-_NAMES = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"}
-_GRAMMAR_NAMES = {"json_schema": "grammar", "regex": "grammar"}
 
 
 def _ctx(request: Request) -> ServingContext:
